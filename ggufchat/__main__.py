@@ -1,0 +1,3 @@
+from ggufchat.cli.main import run
+
+run()

@@ -1,0 +1,8 @@
+"""The batch-first inference engine. Nothing above this package touches ctypes."""
+
+from ggufchat.engine.engine import Engine
+from ggufchat.engine.loader import LoadOptions
+from ggufchat.engine.sampling import SamplingParams
+from ggufchat.engine.types import Delta, Finish, GenerationRequest, Usage
+
+__all__ = ["Engine", "LoadOptions", "SamplingParams", "GenerationRequest", "Delta", "Finish", "Usage"]

@@ -1,0 +1,196 @@
+"""The engine facade: load a model, turn chats into tokens, submit requests, stream their events."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+from ggufchat.engine.loader import LoadedModel, LoadOptions
+from ggufchat.engine.scheduler import Scheduler, Sequence
+from ggufchat.engine.templates import ChatTemplate, Segment
+from ggufchat.engine.tokens import Tokenizer
+from ggufchat.engine.types import Delta, Event, Finish, GenerationRequest, Usage
+from ggufchat.errors import ContextOverflow, InvalidParameter, TemplateError
+
+log = logging.getLogger(__name__)
+
+
+class Stream:
+    """The events of one request, for a synchronous consumer. Iterate; the last event is a Finish."""
+
+    def __init__(self, engine: Engine, seq: Sequence, events: queue.SimpleQueue) -> None:
+        self._engine = engine
+        self._seq = seq
+        self._events = events
+        self.finish: Finish | None = None
+
+    def __iter__(self) -> Iterator[Event]:
+        while self.finish is None:
+            event = self._events.get()
+            if isinstance(event, Finish):
+                self.finish = event
+            yield event
+
+    def cancel(self) -> None:
+        self._engine.scheduler.cancel(self._seq)
+
+    def text(self) -> str:
+        """Wait for the end and return the whole completion text."""
+        return "".join(e.text for e in self if isinstance(e, Delta))
+
+    def tokens(self) -> list[int]:
+        return [t for e in self if isinstance(e, Delta) for t in e.token_ids]
+
+
+class AsyncStream:
+    """The events of one request, for an asyncio consumer."""
+
+    def __init__(self, engine: Engine, seq: Sequence, events: asyncio.Queue) -> None:
+        self._engine = engine
+        self._seq = seq
+        self._events = events
+        self.finish: Finish | None = None
+
+    async def __aiter__(self) -> AsyncIterator[Event]:
+        while self.finish is None:
+            event = await self._events.get()
+            if isinstance(event, Finish):
+                self.finish = event
+            yield event
+
+    def cancel(self) -> None:
+        self._engine.scheduler.cancel(self._seq)
+
+
+class Engine:
+    """One loaded model serving up to `n_seq_max` sequences at once."""
+
+    def __init__(self, options: LoadOptions, *, chat_template: str | None = None,
+                 chat_template_file: str | Path | None = None) -> None:
+        self.options = options
+        self.model = LoadedModel(options)
+        try:
+            self.tokenizer = Tokenizer(self.model.vocab)
+            self.template = self._pick_template(chat_template, chat_template_file)
+            self.scheduler = Scheduler(self.model, self.tokenizer, default_seed=options.seed)
+        except BaseException:
+            self.model.close()
+            raise
+        self.scheduler.start()
+        self._closed = False
+
+    # Identity.
+    @property
+    def model_path(self) -> Path:
+        return self.model.path
+
+    @property
+    def model_name(self) -> str:
+        return self.model.path.name
+
+    @property
+    def n_ctx_seq(self) -> int:
+        return self.model.n_ctx_seq
+
+    @property
+    def n_seq_max(self) -> int:
+        return self.model.n_seq_max
+
+    def _pick_template(self, name: str | None, path: str | Path | None) -> ChatTemplate:
+        tok = self.tokenizer
+        special = {"bos_token": tok.special_text(tok.bos) if tok.bos >= 0 else "",
+                   "eos_token": tok.special_text(tok.eos) if tok.eos >= 0 else ""}
+        if path:
+            return ChatTemplate.from_file(path, **special)
+        if name:
+            return ChatTemplate.builtin(name, **special)
+        source = self.model.info.chat_template
+        if source:
+            try:
+                return ChatTemplate(source, name="gguf", **special)
+            except TemplateError as exc:
+                log.warning("%s; falling back to chatml", exc)
+        else:
+            log.warning("%s has no chat template; using chatml", self.model_name)
+        return ChatTemplate.builtin("chatml", **special)
+
+    # Tokens.
+    def tokenize(self, text: str, *, add_special: bool = True, parse_special: bool = False) -> list[int]:
+        return self.tokenizer.tokenize(text, add_special=add_special, parse_special=parse_special)
+
+    def detokenize(self, tokens: list[int]) -> str:
+        return self.tokenizer.detokenize(tokens)
+
+    def render_chat(self, messages: list[dict[str, Any]], *, add_generation_prompt: bool = True) -> str:
+        return "".join(s.text for s in self._segments(messages, add_generation_prompt))
+
+    def chat_tokens(self, messages: list[dict[str, Any]], *, add_generation_prompt: bool = True) -> list[int]:
+        """Template text is tokenized with special tokens parsed; message content never is."""
+        tokens: list[int] = []
+        if self.tokenizer.add_bos:
+            tokens.append(self.tokenizer.bos)
+        for seg in self._segments(messages, add_generation_prompt):
+            tokens += self.tokenizer.tokenize(seg.text, add_special=False, parse_special=not seg.is_content)
+        return tokens
+
+    def _segments(self, messages: list[dict[str, Any]], add_generation_prompt: bool) -> list[Segment]:
+        segments = self.template.render_segments(messages, add_generation_prompt=add_generation_prompt)
+        bos = self.template.bos_token
+        # The tokenizer adds BOS itself when the model asks for it; don't let the template add a second.
+        if self.tokenizer.add_bos and bos and segments and not segments[0].is_content \
+                and segments[0].text.startswith(bos):
+            segments[0] = Segment(segments[0].text[len(bos):], False)
+        return [s for s in segments if s.text]
+
+    # Requests.
+    def _check(self, request: GenerationRequest) -> None:
+        if not request.prompt_tokens:
+            raise InvalidParameter("the prompt is empty", param="prompt")
+        if request.max_tokens is not None and request.max_tokens < 1:
+            raise InvalidParameter("max_tokens must be at least 1", param="max_tokens")
+        request.sampling.validate()
+        bad = [t for t in request.prompt_tokens if not 0 <= t < self.tokenizer.n_vocab]
+        if bad:
+            raise InvalidParameter(f"token id {bad[0]} is outside the vocabulary", param="prompt")
+        # Leave room for at least one generated token.
+        if len(request.prompt_tokens) >= self.n_ctx_seq:
+            raise ContextOverflow(len(request.prompt_tokens), self.n_ctx_seq)
+
+    def submit(self, request: GenerationRequest) -> Stream:
+        self._check(request)
+        events: queue.SimpleQueue = queue.SimpleQueue()
+        seq = Sequence(request, events.put, Usage(prompt_tokens=len(request.prompt_tokens),
+                                                   t_submit=time.perf_counter()))
+        self.scheduler.submit(seq)
+        return Stream(self, seq, events)
+
+    def submit_async(self, request: GenerationRequest) -> AsyncStream:
+        """Submit from inside a running event loop; events arrive on that loop."""
+        self._check(request)
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue = asyncio.Queue()
+
+        def emit(event: Event) -> None:
+            loop.call_soon_threadsafe(events.put_nowait, event)
+
+        seq = Sequence(request, emit, Usage(prompt_tokens=len(request.prompt_tokens),
+                                            t_submit=time.perf_counter()))
+        self.scheduler.submit(seq)
+        return AsyncStream(self, seq, events)
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self.scheduler.close()
+            self.model.close()
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,247 @@
+"""Load a GGUF model and create its llama.cpp context from llama.cpp-style options."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import llama_cpp
+
+from ggufchat.engine import llama_log
+from ggufchat.errors import InvalidModelFile, InvalidParameter, ModelLoadError, ModelNotFound
+from ggufchat.models.gguf import GGUFInfo, read_gguf
+
+KV_TYPES = {
+    "f32": llama_cpp.GGML_TYPE_F32,
+    "f16": llama_cpp.GGML_TYPE_F16,
+    "bf16": 30,  # GGML_TYPE_BF16; not exported by the bindings
+    "q8_0": llama_cpp.GGML_TYPE_Q8_0,
+    "q4_0": llama_cpp.GGML_TYPE_Q4_0,
+    "q4_1": llama_cpp.GGML_TYPE_Q4_1,
+    "iq4_nl": llama_cpp.GGML_TYPE_IQ4_NL,
+    "q5_0": llama_cpp.GGML_TYPE_Q5_0,
+    "q5_1": llama_cpp.GGML_TYPE_Q5_1,
+}
+FLASH_ATTN = {
+    "auto": llama_cpp.LLAMA_FLASH_ATTN_TYPE_AUTO,
+    "on": llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED,
+    "off": llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED,
+}
+SPLIT_MODES = {
+    "none": llama_cpp.LLAMA_SPLIT_MODE_NONE,
+    "layer": llama_cpp.LLAMA_SPLIT_MODE_LAYER,
+    "row": llama_cpp.LLAMA_SPLIT_MODE_ROW,
+}
+DEFAULT_CTX_PER_SEQ = 4096
+
+
+def default_threads() -> int:
+    try:
+        n = len(os.sched_getaffinity(0))
+    except AttributeError:
+        n = os.cpu_count() or 1
+    # Decode is memory-bound: past the physical cores, SMT siblings only add contention, and on
+    # big machines the logical count is nearly always twice the physical one.
+    return n // 2 if n >= 8 else n
+
+
+@dataclass
+class LoadOptions:
+    """Everything that fixes a loaded model and its context. Flag names follow llama.cpp."""
+
+    model_path: Path
+    n_gpu_layers: str | int = "auto"  # number, "auto" or "all"
+    flash_attn: str = "auto"  # on / off / auto
+    n_ctx: int = 0  # total over all sequences; 0 = min(train ctx, 4096) per sequence
+    n_threads: int = 0  # 0 = default_threads()
+    n_threads_batch: int = 0  # 0 = n_threads
+    n_batch: int = 2048
+    n_ubatch: int = 512
+    n_seq_max: int = 1
+    seed: int | None = None  # default sampling seed for requests that give none
+    cache_type_k: str = "f16"
+    cache_type_v: str = "f16"
+    split_mode: str = "layer"
+    tensor_split: list[float] = field(default_factory=list)
+    main_gpu: int = 0
+    use_mmap: bool = True
+
+    def validate(self) -> None:
+        if self.n_seq_max < 1 or self.n_seq_max > 256:
+            raise InvalidParameter("parallel sequences must be between 1 and 256", param="n_seq_max")
+        if self.n_ctx < 0:
+            raise InvalidParameter("--ctx-size must be 0 (model default) or positive", param="n_ctx")
+        if self.n_batch < 1 or self.n_ubatch < 1:
+            raise InvalidParameter("--batch-size and --ubatch-size must be positive", param="n_batch")
+        if self.n_threads < 0:
+            raise InvalidParameter("--threads must be positive", param="n_threads")
+        if self.flash_attn not in FLASH_ATTN:
+            raise InvalidParameter(
+                f"--flash-attn must be one of {', '.join(FLASH_ATTN)}, not {self.flash_attn!r}",
+                param="flash_attn",
+            )
+        for name, value in (("--cache-type-k", self.cache_type_k), ("--cache-type-v", self.cache_type_v)):
+            if value not in KV_TYPES:
+                raise InvalidParameter(f"{name} must be one of {', '.join(KV_TYPES)}, not {value!r}")
+        if self.split_mode not in SPLIT_MODES:
+            raise InvalidParameter(f"--split-mode must be one of {', '.join(SPLIT_MODES)}")
+        parse_gpu_layers(self.n_gpu_layers)
+
+
+def parse_gpu_layers(value: str | int) -> int | str:
+    """Normalise -ngl: an int >= 0, "all", or "auto"."""
+    if isinstance(value, int):
+        if value < 0:
+            return "all"
+        return value
+    text = str(value).strip().lower()
+    if text in ("auto", "all"):
+        return text
+    try:
+        n = int(text)
+    except ValueError:
+        raise InvalidParameter(
+            f"--n-gpu-layers must be a number, 'auto' or 'all', not {value!r}", param="n_gpu_layers"
+        ) from None
+    return "all" if n < 0 else n
+
+
+def resolve_gpu_layers(value: str | int) -> int:
+    """The n_gpu_layers llama.cpp gets. "auto" offloads everything when the build can offload at all
+    and nothing on a CPU-only build."""
+    parsed = parse_gpu_layers(value)
+    if parsed == "all":
+        return -1
+    if parsed == "auto":
+        return -1 if llama_cpp.llama_supports_gpu_offload() else 0
+    return int(parsed)
+
+
+def parse_tensor_split(text: str | None) -> list[float]:
+    if not text:
+        return []
+    try:
+        parts = [float(p) for p in text.replace("/", ",").split(",") if p.strip()]
+    except ValueError:
+        raise InvalidParameter(
+            f"--tensor-split takes proportions like 3,1, not {text!r}", param="tensor_split"
+        ) from None
+    if any(p < 0 for p in parts) or not any(parts):
+        raise InvalidParameter("--tensor-split needs non-negative proportions, not all zero")
+    return parts
+
+
+_backend_ready = False
+
+
+def _init_backend() -> None:
+    global _backend_ready
+    if not _backend_ready:
+        llama_log.install()
+        llama_cpp.llama_backend_init()
+        _backend_ready = True
+
+
+class LoadedModel:
+    """A llama.cpp model and one context over it. Owned by one engine thread once handed over."""
+
+    def __init__(self, options: LoadOptions) -> None:
+        options.validate()
+        self.options = options
+        self.path = Path(options.model_path)
+        if not self.path.is_file():
+            raise ModelNotFound(f"no model file at {self.path}")
+        # Parse the header ourselves first: llama.cpp aborts the process on some malformed files.
+        self.info: GGUFInfo = read_gguf(self.path)
+        _init_backend()
+        llama_log.take_recent()
+        self._tensor_split = None
+        self.model = self._load_model()
+        try:
+            self.vocab = llama_cpp.llama_model_get_vocab(self.model)
+            self.n_ctx_train = llama_cpp.llama_model_n_ctx_train(self.model)
+            self.ctx = self._new_context()
+        except BaseException:
+            llama_cpp.llama_model_free(self.model)
+            raise
+        self.memory = llama_cpp.llama_get_memory(self.ctx)
+        self.n_ctx = llama_cpp.llama_n_ctx(self.ctx)
+        self.n_seq_max = llama_cpp.llama_n_seq_max(self.ctx)
+        self.n_ctx_seq = llama_cpp.llama_n_ctx_seq(self.ctx)
+        self.n_batch = options.n_batch
+        self.n_vocab = llama_cpp.llama_vocab_n_tokens(self.vocab)
+
+    def _load_model(self):
+        o = self.options
+        params = llama_cpp.llama_model_default_params()
+        params.n_gpu_layers = resolve_gpu_layers(o.n_gpu_layers)
+        params.split_mode = SPLIT_MODES[o.split_mode]
+        params.main_gpu = o.main_gpu
+        params.use_mmap = o.use_mmap
+        if o.tensor_split:
+            n_max = llama_cpp.llama_max_devices()
+            if len(o.tensor_split) > n_max:
+                raise InvalidParameter(f"--tensor-split names {len(o.tensor_split)} devices; at most {n_max}")
+            arr = (ctypes.c_float * n_max)(*o.tensor_split)
+            self._tensor_split = arr  # llama.cpp reads it during the load; keep it alive
+            params.tensor_split = arr
+        model = llama_cpp.llama_model_load_from_file(str(self.path).encode(), params)
+        if not model:
+            raise _load_failure(f"llama.cpp could not load {self.path}", InvalidModelFile)
+        return model
+
+    def _new_context(self):
+        o = self.options
+        params = llama_cpp.llama_context_default_params()
+        per_seq = min(self.n_ctx_train or DEFAULT_CTX_PER_SEQ, DEFAULT_CTX_PER_SEQ)
+        params.n_ctx = o.n_ctx or per_seq * o.n_seq_max
+        params.n_batch = o.n_batch
+        params.n_ubatch = min(o.n_ubatch, o.n_batch)
+        params.n_seq_max = o.n_seq_max
+        threads = o.n_threads or default_threads()
+        params.n_threads = threads
+        params.n_threads_batch = o.n_threads_batch or threads
+        params.flash_attn_type = FLASH_ATTN[o.flash_attn]
+        params.type_k = KV_TYPES[o.cache_type_k]
+        params.type_v = KV_TYPES[o.cache_type_v]
+        # A KV stream per sequence: what makes "batched greedy == sequential greedy" hold (DESIGN.md).
+        params.kv_unified = False
+        params.no_perf = True
+        ctx = llama_cpp.llama_init_from_model(self.model, params)
+        if not ctx:
+            raise _load_failure("llama.cpp could not create a context", ModelLoadError,
+                                hint="Lower -c/--ctx-size or -np, or use a quantized KV cache (-ctk q8_0).")
+        return ctx
+
+    # Metadata the rest of the engine needs.
+    def meta(self, key: str) -> str | None:
+        buf = ctypes.create_string_buffer(1 << 16)
+        n = llama_cpp.llama_model_meta_val_str(self.model, key.encode(), buf, len(buf))
+        if n < 0:
+            return None
+        if n >= len(buf):
+            buf = ctypes.create_string_buffer(n + 1)
+            llama_cpp.llama_model_meta_val_str(self.model, key.encode(), buf, len(buf))
+        return buf.value.decode("utf-8", errors="replace")
+
+    def description(self) -> str:
+        buf = ctypes.create_string_buffer(256)
+        llama_cpp.llama_model_desc(self.model, buf, len(buf))
+        return buf.value.decode("utf-8", errors="replace")
+
+    def close(self) -> None:
+        if getattr(self, "ctx", None):
+            llama_cpp.llama_free(self.ctx)
+            self.ctx = None
+        if getattr(self, "model", None):
+            llama_cpp.llama_model_free(self.model)
+            self.model = None
+
+
+def _load_failure(message: str, kind: type, hint: str | None = None):
+    detail = [line for line in llama_log.take_recent() if line]
+    if detail:
+        message += ": " + "; ".join(detail[-3:])
+    return kind(message, hint=hint) if hint else kind(message)

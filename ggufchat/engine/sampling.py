@@ -1,0 +1,84 @@
+"""Sampling parameters and the llama.cpp sampler chain built from them (one chain per sequence)."""
+
+from __future__ import annotations
+
+import ctypes
+import math
+import random
+from dataclasses import dataclass
+
+import llama_cpp
+
+from ggufchat.errors import InvalidParameter
+
+
+@dataclass
+class SamplingParams:
+    temperature: float = 0.8  # 0 = greedy
+    top_k: int = 40  # 0 = off
+    top_p: float = 0.95  # 1 = off
+    min_p: float = 0.05  # 0 = off
+    repeat_penalty: float = 1.0  # 1 = off
+    repeat_last_n: int = 64
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    seed: int | None = None  # None = the engine's --seed, else random
+
+    @classmethod
+    def greedy(cls) -> SamplingParams:
+        return cls(temperature=0.0)
+
+    def validate(self) -> None:
+        checks = [
+            (self.temperature >= 0 and math.isfinite(self.temperature), "temperature", ">= 0"),
+            (self.top_k >= 0, "top_k", ">= 0"),
+            (0 <= self.top_p <= 1, "top_p", "between 0 and 1"),
+            (0 <= self.min_p <= 1, "min_p", "between 0 and 1"),
+            (self.repeat_penalty > 0 and math.isfinite(self.repeat_penalty), "repeat_penalty", "> 0"),
+            (self.repeat_last_n >= -1, "repeat_last_n", ">= -1"),
+            (-2 <= self.frequency_penalty <= 2, "frequency_penalty", "between -2 and 2"),
+            (-2 <= self.presence_penalty <= 2, "presence_penalty", "between -2 and 2"),
+            (self.seed is None or 0 <= self.seed < 2**32, "seed", "between 0 and 2**32-1"),
+        ]
+        for ok, name, rule in checks:
+            if not ok:
+                raise InvalidParameter(f"{name} must be {rule}, not {getattr(self, name)!r}", param=name)
+
+    @property
+    def has_penalties(self) -> bool:
+        return self.repeat_penalty != 1.0 or self.frequency_penalty != 0.0 or self.presence_penalty != 0.0
+
+
+def build_chain(params: SamplingParams, *, n_vocab: int, n_ctx_seq: int, default_seed: int | None,
+                banned_tokens: list[int] | None = None) -> ctypes.c_void_p:
+    """A sampler chain in llama.cpp's default order: bias, penalties, top-k, top-p, min-p, temp, dist.
+
+    The caller owns the result and frees it with llama_sampler_free.
+    """
+    chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
+    add = llama_cpp.llama_sampler_chain_add
+    if banned_tokens:
+        biases = (llama_cpp.llama_logit_bias * len(banned_tokens))()
+        for i, tok in enumerate(banned_tokens):
+            biases[i].token = tok
+            biases[i].bias = -math.inf
+        add(chain, llama_cpp.llama_sampler_init_logit_bias(n_vocab, len(banned_tokens), biases))
+    if params.has_penalties:
+        last_n = n_ctx_seq if params.repeat_last_n == -1 else params.repeat_last_n
+        add(chain, llama_cpp.llama_sampler_init_penalties(
+            n_vocab, last_n, params.repeat_penalty, params.frequency_penalty, params.presence_penalty))
+    if params.temperature <= 0:
+        add(chain, llama_cpp.llama_sampler_init_greedy())
+        return chain
+    if params.top_k > 0:
+        add(chain, llama_cpp.llama_sampler_init_top_k(params.top_k))
+    if params.top_p < 1:
+        add(chain, llama_cpp.llama_sampler_init_top_p(params.top_p, 1))
+    if params.min_p > 0:
+        add(chain, llama_cpp.llama_sampler_init_min_p(params.min_p, 1))
+    add(chain, llama_cpp.llama_sampler_init_temp(params.temperature))
+    seed = params.seed if params.seed is not None else default_seed
+    if seed is None:
+        seed = random.getrandbits(32)
+    add(chain, llama_cpp.llama_sampler_init_dist(seed))
+    return chain

@@ -1,0 +1,322 @@
+"""The batch loop: one thread owns the llama.cpp context and decodes every active sequence together.
+
+Each step builds one llama_batch holding the next token of every generating sequence plus chunks of
+pending prompts, decodes it, then samples one token for each sequence whose logits it asked for.
+Slots map 1:1 to llama.cpp sequence ids; a slot keeps its KV after its request ends, so a later
+request that shares a prefix with it (the next turn of a chat, the same system prompt) skips that
+prefill.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import llama_cpp
+
+from ggufchat.engine.loader import LoadedModel
+from ggufchat.engine.sampling import build_chain
+from ggufchat.engine.stops import StopMatcher
+from ggufchat.engine.tokens import Detokenizer, Tokenizer
+from ggufchat.engine.types import Delta, Event, Finish, GenerationRequest, Usage
+from ggufchat.errors import DecodeError, EngineStopped
+
+log = logging.getLogger(__name__)
+
+Emit = Callable[[Event], None]
+
+
+@dataclass
+class Slot:
+    seq_id: int
+    tokens: list[int] = field(default_factory=list)  # tokens whose KV this sequence holds
+    busy: bool = False
+    last_used: float = 0.0
+
+
+@dataclass
+class Sequence:
+    """A request while the engine works on it. Mutated only by the engine thread, except `cancelled`."""
+
+    request: GenerationRequest
+    emit: Emit
+    usage: Usage
+    cancelled: bool = False
+    slot: Slot | None = None
+    sampler: object = None
+    detok: Detokenizer | None = None
+    stops: StopMatcher | None = None
+    pending: list[int] = field(default_factory=list)  # prompt tokens not yet decoded
+    next_token: int | None = None  # sampled, to be decoded in the next step
+    fed: int = 0  # tokens this sequence put in the current batch
+    batch_index: int = -1  # where its logits are in the current batch, -1 for none
+    unsent: list[int] = field(default_factory=list)  # token ids whose text is not emitted yet
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+class Scheduler:
+    def __init__(self, model: LoadedModel, tokenizer: Tokenizer, default_seed: int | None = None) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.default_seed = default_seed
+        self.slots = [Slot(i) for i in range(model.n_seq_max)]
+        self.n_ctx_seq = model.n_ctx_seq
+        self.n_batch = model.n_batch
+        # While other sequences are generating, a long prompt is fed in ubatch-sized chunks so their
+        # streams keep moving; alone, it gets the whole batch.
+        self.n_chunk_shared = min(model.options.n_ubatch, model.n_batch)
+        self._eog = frozenset(tokenizer.eog_tokens())
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._waiting: collections.deque[Sequence] = collections.deque()
+        self._active: list[Sequence] = []
+        self._closing = False
+        self._thread = threading.Thread(target=self._run, name="ggufchat-engine", daemon=True)
+        self.steps = 0
+
+    # Called from any thread.
+    def start(self) -> None:
+        self._thread.start()
+
+    def submit(self, seq: Sequence) -> None:
+        if self._closing or not self._thread.is_alive():
+            raise EngineStopped("the engine is not running")
+        self._inbox.put(seq)
+
+    def cancel(self, seq: Sequence) -> None:
+        seq.cancelled = True
+        self._inbox.put(None)  # wake the loop if it is idle
+
+    def close(self) -> None:
+        self._closing = True
+        self._inbox.put(None)
+        if self._thread.is_alive():
+            self._thread.join()
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def active_count(self) -> int:
+        return len(self._active)
+
+    # The engine thread.
+    def _run(self) -> None:
+        batch = llama_cpp.llama_batch_init(self.n_batch, 0, 1)
+        try:
+            while not self._closing:
+                self._drain_inbox(block=not self._active and not self._waiting)
+                if self._closing:
+                    break
+                self._reap_cancelled()
+                self._admit()
+                if self._active:
+                    self._step(batch)
+        except BaseException as exc:  # the loop must never die silently with requests pending
+            log.exception("engine loop failed")
+            self._fail_all(EngineStopped(f"the engine stopped: {exc}"))
+            self._closing = True
+        finally:
+            llama_cpp.llama_batch_free(batch)
+            self._drain_inbox(block=False)
+            self._fail_all(EngineStopped("the engine was closed"))
+
+    def _drain_inbox(self, block: bool) -> None:
+        try:
+            item = self._inbox.get() if block else self._inbox.get_nowait()
+            while True:
+                if item is not None:
+                    self._waiting.append(item)
+                item = self._inbox.get_nowait()
+        except queue.Empty:
+            pass
+
+    def _reap_cancelled(self) -> None:
+        for seq in [s for s in self._active if s.cancelled]:
+            self._finish(seq, "cancelled")
+        if any(s.cancelled for s in self._waiting):
+            kept = collections.deque()
+            for seq in self._waiting:
+                if seq.cancelled:
+                    seq.usage.t_end = time.perf_counter()
+                    seq.emit(Finish("cancelled", seq.usage))
+                else:
+                    kept.append(seq)
+            self._waiting = kept
+
+    def _admit(self) -> None:
+        while self._waiting:
+            free = [s for s in self.slots if not s.busy]
+            if not free:
+                return
+            seq = self._waiting.popleft()
+            prompt = seq.request.prompt_tokens
+            # The free slot whose cached tokens share the longest prefix; else the least recently used.
+            slot = max(free, key=lambda s: (common_prefix(s.tokens, prompt), -s.last_used))
+            self._bind(seq, slot)
+
+    def _bind(self, seq: Sequence, slot: Slot) -> None:
+        prompt = seq.request.prompt_tokens
+        keep = common_prefix(slot.tokens, prompt)
+        if keep == len(prompt):
+            keep -= 1  # the last prompt token must be decoded again to get its logits
+        mem = self.model.memory
+        if not llama_cpp.llama_memory_seq_rm(mem, slot.seq_id, keep, -1):
+            # Some caches (recurrent, sliding-window) cannot drop a tail; start the sequence over.
+            llama_cpp.llama_memory_seq_rm(mem, slot.seq_id, -1, -1)
+            keep = 0
+        del slot.tokens[keep:]
+        slot.busy = True
+        seq.slot = slot
+        seq.pending = list(prompt[keep:])
+        seq.usage.cached_tokens = keep
+        seq.usage.t_start = time.perf_counter()
+        req = seq.request
+        seq.sampler = build_chain(
+            req.sampling,
+            n_vocab=self.tokenizer.n_vocab,
+            n_ctx_seq=self.n_ctx_seq,
+            default_seed=self.default_seed,
+            banned_tokens=sorted(self._eog) if req.ignore_eos else None,
+        )
+        if req.sampling.has_penalties:
+            for tok in prompt:
+                llama_cpp.llama_sampler_accept(seq.sampler, tok)
+        seq.detok = Detokenizer(self.tokenizer)
+        seq.stops = StopMatcher(req.stop)
+        self._active.append(seq)
+
+    def _step(self, batch) -> None:
+        n = 0
+        generating = any(s.next_token is not None for s in self._active)
+        for seq in self._active:
+            seq.fed = 0
+            seq.batch_index = -1
+            if seq.next_token is not None:
+                n = self._add(batch, n, seq, [seq.next_token], logits_last=True)
+        budget_cap = self.n_chunk_shared if generating else self.n_batch
+        for seq in self._active:
+            if not seq.pending:
+                continue
+            budget = min(self.n_batch - n, budget_cap)
+            if budget <= 0:
+                break
+            chunk = seq.pending[:budget]
+            n = self._add(batch, n, seq, chunk, logits_last=len(chunk) == len(seq.pending))
+            budget_cap -= len(chunk)
+        if n == 0:
+            return
+        batch.n_tokens = n
+        status = llama_cpp.llama_decode(self.model.ctx, batch)
+        self.steps += 1
+        if status != 0:
+            self._decode_failed(status)
+            return
+        for seq in self._active:
+            if seq.fed:
+                if seq.next_token is not None:
+                    seq.slot.tokens.append(seq.next_token)
+                    seq.next_token = None
+                else:
+                    seq.slot.tokens.extend(seq.pending[: seq.fed])
+                    del seq.pending[: seq.fed]
+        for seq in list(self._active):
+            if seq.batch_index >= 0:
+                self._sample(seq)
+
+    def _add(self, batch, n: int, seq: Sequence, tokens: list[int], logits_last: bool) -> int:
+        pos = len(seq.slot.tokens)
+        sid = seq.slot.seq_id
+        last = len(tokens) - 1
+        for j, tok in enumerate(tokens):
+            batch.token[n] = tok
+            batch.pos[n] = pos + j
+            batch.n_seq_id[n] = 1
+            batch.seq_id[n][0] = sid
+            batch.logits[n] = logits_last and j == last
+            n += 1
+        seq.fed = len(tokens)
+        if logits_last:
+            seq.batch_index = n - 1
+        return n
+
+    def _sample(self, seq: Sequence) -> None:
+        tok = llama_cpp.llama_sampler_sample(seq.sampler, self.model.ctx, seq.batch_index)
+        now = time.perf_counter()
+        usage = seq.usage
+        usage.completion_tokens += 1
+        if not usage.t_first_token:
+            usage.t_first_token = now
+        req = seq.request
+        if tok in self._eog and not req.ignore_eos:
+            self._finish(seq, "stop")
+            return
+        seq.unsent.append(tok)
+        text, hit = seq.stops.push(seq.detok.push(tok))
+        if text:
+            self._emit(seq, Delta(text, seq.unsent))
+            seq.unsent = []
+        if hit:
+            self._finish(seq, "stop", flush=False)
+        elif req.max_tokens is not None and usage.completion_tokens >= req.max_tokens:
+            self._finish(seq, "length")
+        elif len(seq.slot.tokens) >= self.n_ctx_seq:
+            self._finish(seq, "length")  # no room left in this sequence's context for the token
+        else:
+            seq.next_token = tok
+
+    def _emit(self, seq: Sequence, event: Event) -> None:
+        try:
+            seq.emit(event)
+        except Exception:  # the consumer is gone (closed event loop): stop working for it
+            log.debug("request %s: consumer gone, cancelling", seq.request.id, exc_info=True)
+            seq.cancelled = True
+
+    def _finish(self, seq: Sequence, reason: str, *, flush: bool = True, error: BaseException | None = None) -> None:
+        if flush and reason != "cancelled" and seq.detok is not None:
+            tail = seq.stops.push(seq.detok.flush())[0] + seq.stops.flush()
+            if tail or seq.unsent:
+                self._emit(seq, Delta(tail, seq.unsent))
+        seq.usage.t_end = time.perf_counter()
+        self._emit(seq, Finish(reason, seq.usage, error))
+        if seq.sampler is not None:
+            llama_cpp.llama_sampler_free(seq.sampler)
+            seq.sampler = None
+        if seq.slot is not None:
+            seq.slot.busy = False
+            seq.slot.last_used = seq.usage.t_end
+        if seq in self._active:
+            self._active.remove(seq)
+
+    def _decode_failed(self, status: int) -> None:
+        # The batch is lost; so are the sequences in it. Their slots start over so later requests
+        # never see a half-written cache.
+        error = DecodeError(f"llama_decode failed with status {status}")
+        log.error("%s", error)
+        for seq in [s for s in self._active if s.fed]:
+            llama_cpp.llama_memory_seq_rm(self.model.memory, seq.slot.seq_id, -1, -1)
+            seq.slot.tokens.clear()
+            self._finish(seq, "error", flush=False, error=error)
+
+    def _fail_all(self, error: BaseException) -> None:
+        for seq in list(self._active):
+            try:
+                self._finish(seq, "error", flush=False, error=error)
+            except Exception:
+                log.exception("while failing request %s", seq.request.id)
+        while self._waiting:
+            seq = self._waiting.popleft()
+            seq.usage.t_end = time.perf_counter()
+            self._emit(seq, Finish("error", seq.usage, error))

@@ -1,0 +1,1 @@
+"""Finding model files: the embedded default, paths, and (later) the download cache."""
