@@ -1,0 +1,1 @@
+"""The `ggufchat` command line: one module per verb, one error table in main."""

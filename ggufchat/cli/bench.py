@@ -1,0 +1,60 @@
+"""`ggufchat bench`: prefill and decode speed of the engine, for 1 and for N parallel sequences."""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated
+
+import typer
+
+from ggufchat.cli import options as o
+
+
+def bench(
+    model_arg: o.ModelArg = None,
+    model: o.ModelOpt = None,
+    n_prompt: Annotated[int, typer.Option("-p", "--n-prompt", help="Prompt tokens for the prefill test.")] = 512,
+    n_gen: Annotated[int, typer.Option("-n", "--n-gen", help="Tokens generated per sequence.")] = 128,
+    n_pp_batched: Annotated[int, typer.Option("-npp", help="Prompt tokens per sequence in the batched "
+                                              "tests.")] = 128,
+    parallel: Annotated[str, typer.Option("-npl", "--parallel", help="Sequence counts for the batched "
+                                          "tests.")] = "1,4,8,16",
+    repetitions: Annotated[int, typer.Option("-r", "--repetitions", help="Runs per test (the best "
+                                             "counts).")] = 3,
+    as_json: Annotated[bool, typer.Option("--json", help="Print results as JSON lines.")] = False,
+    n_gpu_layers: o.GpuLayers = "auto",
+    flash_attn: o.FlashAttn = "auto",
+    threads: o.Threads = 0,
+    batch_size: o.BatchSize = 2048,
+    ubatch_size: o.UBatchSize = 512,
+    cache_type_k: o.CacheTypeK = "f16",
+    cache_type_v: o.CacheTypeV = "f16",
+) -> None:
+    """Measure prefill and decode tokens/s (1 sequence, then several in one batch)."""
+    from ggufchat.bench import run_bench
+
+    counts = [int(x) for x in parallel.split(",") if x.strip()]
+    load = o.load_options(
+        model=o.pick_model(model_arg, model), n_gpu_layers=n_gpu_layers, flash_attn=flash_attn,
+        ctx_size=0, threads=threads, batch_size=batch_size, ubatch_size=ubatch_size,
+        cache_type_k=cache_type_k, cache_type_v=cache_type_v, split_mode="layer", tensor_split=None,
+        main_gpu=0, seed=0, n_seq_max=max(counts),
+    )
+    results = run_bench(load, n_prompt=n_prompt, n_gen=n_gen, n_pp_batched=n_pp_batched, counts=counts,
+                        repetitions=repetitions)
+    if as_json:
+        for row in results:
+            print(json.dumps(row))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table("test", "sequences", "tokens", "seconds", "tokens/s", title=f"ggufchat bench: {load.model_path.name}")
+    for row in results:
+        table.add_row(row["test"], str(row["sequences"]), str(row["tokens"]), f"{row['seconds']:.3f}",
+                      f"{row['tokens_per_second']:.1f}")
+    Console().print(table)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("bench")(bench)

@@ -1,0 +1,133 @@
+"""`ggufchat chat`: interactive terminal chat, or one reply with -p / piped stdin."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from ggufchat.chat.repl import ChatConfig, one_shot, run_repl
+from ggufchat.cli import options as o
+from ggufchat.engine import Engine
+from ggufchat.errors import InvalidParameter
+
+_CHAT = "Chat"
+
+
+def _announce(engine: Engine) -> None:
+    m = engine.model
+    print(f"ggufchat: model {m.path} ({m.description()}, template {engine.template.name}, "
+          f"context {engine.n_ctx_seq} tokens)", file=sys.stderr)
+
+
+def _use_color(flag: bool | None) -> bool:
+    if os.environ.get("NO_COLOR"):
+        return False
+    return sys.stdout.isatty() if flag is None else flag
+
+
+def chat(
+    model_arg: o.ModelArg = None,
+    model: o.ModelOpt = None,
+    prompt: Annotated[Optional[str], typer.Option("-p", "--prompt", help="Answer this prompt, print only the "
+                                                  "reply on stdout, and exit.", rich_help_panel=_CHAT)] = None,
+    system: Annotated[Optional[str], typer.Option("--system", "-sys", help="System prompt.",
+                                                  rich_help_panel=_CHAT)] = None,
+    system_file: Annotated[Optional[Path], typer.Option("-f", "--file", help="Read the system prompt from "
+                                                        "FILE.", rich_help_panel=_CHAT)] = None,
+    n_predict: Annotated[int, typer.Option("-n", "--n-predict", help="Most tokens per reply (-1 = until the "
+                                           "context is full).", rich_help_panel=_CHAT)] = -1,
+    reverse_prompt: Annotated[Optional[list[str]], typer.Option(
+        "-r", "--reverse-prompt", help="Stop the reply at this text (repeatable).", rich_help_panel=_CHAT)] = None,
+    color: Annotated[Optional[bool], typer.Option("-co/-no-co", "--color/--no-color", help="Colour the prompt "
+                                                  "(default: when stdout is a terminal; NO_COLOR turns it "
+                                                  "off).", rich_help_panel=_CHAT, show_default=False)] = None,
+    stats: Annotated[bool, typer.Option("--stats", help="Print token counts and speeds after each reply "
+                                        "(stderr).", rich_help_panel=_CHAT)] = False,
+    verbose: Annotated[bool, typer.Option("-v", "--verbose", help="Show llama.cpp's log.",
+                                          rich_help_panel=_CHAT)] = False,
+    n_gpu_layers: o.GpuLayers = "auto",
+    flash_attn: o.FlashAttn = "auto",
+    ctx_size: o.CtxSize = 0,
+    threads: o.Threads = 0,
+    batch_size: o.BatchSize = 2048,
+    ubatch_size: o.UBatchSize = 512,
+    cache_type_k: o.CacheTypeK = "f16",
+    cache_type_v: o.CacheTypeV = "f16",
+    split_mode: o.SplitMode = "layer",
+    tensor_split: o.TensorSplit = None,
+    main_gpu: o.MainGpu = 0,
+    chat_template: o.ChatTemplateName = None,
+    chat_template_file: o.ChatTemplateFile = None,
+    seed: o.Seed = None,
+    temp: o.Temp = 0.8,
+    top_k: o.TopK = 40,
+    top_p: o.TopP = 0.95,
+    min_p: o.MinP = 0.05,
+    repeat_penalty: o.RepeatPenalty = 1.0,
+    repeat_last_n: o.RepeatLastN = 64,
+    presence_penalty: o.PresencePenalty = 0.0,
+    frequency_penalty: o.FrequencyPenalty = 0.0,
+) -> None:
+    """Chat with a model in the terminal (one reply with -p or piped stdin)."""
+    if verbose:
+        from ggufchat.cli.main import setup_logging
+
+        setup_logging(verbose=True)
+    if n_predict == 0 or n_predict < -1:
+        raise InvalidParameter("-n/--n-predict must be positive, or -1 for no limit", param="n_predict")
+    if system_file is not None:
+        if system is not None:
+            raise InvalidParameter("give the system prompt with --system or -f, not both")
+        system = _read_text(system_file)
+    if prompt is None and not sys.stdin.isatty():
+        prompt = sys.stdin.read()
+        if not prompt.strip():
+            raise InvalidParameter("stdin was empty", hint="Pipe a prompt in, or pass one with -p.")
+    cfg = ChatConfig(
+        system=system,
+        sampling=o.sampling_params(temp=temp, top_k=top_k, top_p=top_p, min_p=min_p,
+                                   repeat_penalty=repeat_penalty, repeat_last_n=repeat_last_n,
+                                   presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
+                                   seed=seed),
+        max_tokens=None if n_predict == -1 else n_predict,
+        stop=list(reverse_prompt or []),
+        stats=stats,
+        color=_use_color(color),
+    )
+    load = o.load_options(
+        model=o.pick_model(model_arg, model), n_gpu_layers=n_gpu_layers, flash_attn=flash_attn,
+        ctx_size=ctx_size, threads=threads, batch_size=batch_size, ubatch_size=ubatch_size,
+        cache_type_k=cache_type_k, cache_type_v=cache_type_v, split_mode=split_mode,
+        tensor_split=tensor_split, main_gpu=main_gpu, seed=seed,
+    )
+    with Engine(load, chat_template=chat_template, chat_template_file=chat_template_file) as engine:
+        _announce(engine)
+        if prompt is not None:
+            one_shot(engine, prompt, cfg)
+            return
+        print("Type a message; /help for commands, Ctrl-D to leave.", file=sys.stderr)
+        _enable_line_editing()
+        run_repl(engine, cfg)
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise InvalidParameter(f"cannot read {path}: {exc.strerror}") from exc
+
+
+def _enable_line_editing() -> None:
+    # Importing readline is what gives input() arrow keys and history.
+    try:
+        import readline  # noqa: F401
+    except ImportError:
+        pass
+
+
+def register(app: typer.Typer) -> None:
+    app.command("chat")(chat)

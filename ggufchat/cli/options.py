@@ -1,0 +1,109 @@
+"""Command-line options shared by the verbs that load a model. Names follow llama.cpp's flags."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from ggufchat.engine.loader import LoadOptions, parse_gpu_layers, parse_tensor_split
+from ggufchat.engine.sampling import SamplingParams
+from ggufchat.models.resolve import resolve_model
+from ggufchat.settings import load_settings
+
+_ENGINE = "Model and engine"
+_SAMPLING = "Sampling"
+
+ModelArg = Annotated[Optional[str], typer.Argument(
+    help="Model: a .gguf path (default: the embedded SmolLM2-135M).", show_default=False)]
+ModelOpt = Annotated[Optional[str], typer.Option(
+    "-m", "--model", help="Model .gguf path (same as the MODEL argument).", rich_help_panel=_ENGINE)]
+GpuLayers = Annotated[str, typer.Option(
+    "-ngl", "--n-gpu-layers", "--gpu-layers",
+    help="Layers to offload to the GPU: a number, 'auto' or 'all'.", rich_help_panel=_ENGINE)]
+FlashAttn = Annotated[str, typer.Option(
+    "-fa", "--flash-attn",
+    help="Flash attention: on, off or auto (a bare -fa means on).", rich_help_panel=_ENGINE)]
+CtxSize = Annotated[int, typer.Option(
+    "-c", "--ctx-size", help="Context size in tokens, over all sequences (0 = model default, at most 4096 per "
+    "sequence).", rich_help_panel=_ENGINE)]
+Threads = Annotated[int, typer.Option(
+    "-t", "--threads", help="CPU threads (0 = one per physical core).", rich_help_panel=_ENGINE)]
+BatchSize = Annotated[int, typer.Option(
+    "-b", "--batch-size", help="Most tokens decoded in one step.", rich_help_panel=_ENGINE)]
+UBatchSize = Annotated[int, typer.Option(
+    "-ub", "--ubatch-size", help="Physical batch size.", rich_help_panel=_ENGINE)]
+CacheTypeK = Annotated[str, typer.Option(
+    "-ctk", "--cache-type-k", help="KV cache type for K (f16, q8_0, q4_0, ...).", rich_help_panel=_ENGINE)]
+CacheTypeV = Annotated[str, typer.Option(
+    "-ctv", "--cache-type-v", help="KV cache type for V (f16, q8_0, q4_0, ...).", rich_help_panel=_ENGINE)]
+SplitMode = Annotated[str, typer.Option(
+    "-sm", "--split-mode", help="Multi-GPU split: none, layer or row.", rich_help_panel=_ENGINE)]
+TensorSplit = Annotated[Optional[str], typer.Option(
+    "-ts", "--tensor-split", help="Share of the model per GPU, e.g. 3,1.", rich_help_panel=_ENGINE)]
+MainGpu = Annotated[int, typer.Option(
+    "-mg", "--main-gpu", help="GPU for the whole model (split none) or for intermediates (row).",
+    rich_help_panel=_ENGINE)]
+ChatTemplateName = Annotated[Optional[str], typer.Option(
+    "--chat-template", help="Built-in template instead of the model's: chatml, qwen, llama-3, llama-2, "
+    "gemma, mistral, phi-3.", rich_help_panel=_ENGINE)]
+ChatTemplateFile = Annotated[Optional[Path], typer.Option(
+    "--chat-template-file", help="Jinja chat template file instead of the model's.", rich_help_panel=_ENGINE)]
+
+Seed = Annotated[Optional[int], typer.Option("-s", "--seed", help="Sampling seed (default: random).",
+                                             rich_help_panel=_SAMPLING)]
+Temp = Annotated[float, typer.Option("--temp", "--temperature", help="Temperature; 0 = greedy.",
+                                     rich_help_panel=_SAMPLING)]
+TopK = Annotated[int, typer.Option("--top-k", help="Top-k (0 = off).", rich_help_panel=_SAMPLING)]
+TopP = Annotated[float, typer.Option("--top-p", help="Top-p (1 = off).", rich_help_panel=_SAMPLING)]
+MinP = Annotated[float, typer.Option("--min-p", help="Min-p (0 = off).", rich_help_panel=_SAMPLING)]
+RepeatPenalty = Annotated[float, typer.Option("--repeat-penalty", help="Repeat penalty (1 = off).",
+                                              rich_help_panel=_SAMPLING)]
+RepeatLastN = Annotated[int, typer.Option("--repeat-last-n", help="Tokens the penalties look back on (-1 = "
+                                          "context).", rich_help_panel=_SAMPLING)]
+PresencePenalty = Annotated[float, typer.Option("--presence-penalty", help="Presence penalty (0 = off).",
+                                                rich_help_panel=_SAMPLING)]
+FrequencyPenalty = Annotated[float, typer.Option("--frequency-penalty", help="Frequency penalty (0 = off).",
+                                                 rich_help_panel=_SAMPLING)]
+
+
+def load_options(*, model: str | None, n_gpu_layers: str, flash_attn: str, ctx_size: int, threads: int,
+                 batch_size: int, ubatch_size: int, cache_type_k: str, cache_type_v: str, split_mode: str,
+                 tensor_split: str | None, main_gpu: int, seed: int | None, n_seq_max: int = 1) -> LoadOptions:
+    options = LoadOptions(
+        model_path=resolve_model(model or load_settings().model),
+        n_gpu_layers=parse_gpu_layers(n_gpu_layers),
+        flash_attn=flash_attn.lower(),
+        n_ctx=ctx_size,
+        n_threads=threads,
+        n_batch=batch_size,
+        n_ubatch=ubatch_size,
+        n_seq_max=n_seq_max,
+        seed=seed,
+        cache_type_k=cache_type_k.lower(),
+        cache_type_v=cache_type_v.lower(),
+        split_mode=split_mode.lower(),
+        tensor_split=parse_tensor_split(tensor_split),
+        main_gpu=main_gpu,
+    )
+    options.validate()
+    return options
+
+
+def sampling_params(*, temp: float, top_k: int, top_p: float, min_p: float, repeat_penalty: float,
+                    repeat_last_n: int, presence_penalty: float, frequency_penalty: float,
+                    seed: int | None) -> SamplingParams:
+    params = SamplingParams(
+        temperature=temp, top_k=top_k, top_p=top_p, min_p=min_p, repeat_penalty=repeat_penalty,
+        repeat_last_n=repeat_last_n, presence_penalty=presence_penalty,
+        frequency_penalty=frequency_penalty, seed=seed,
+    )
+    params.validate()
+    return params
+
+
+def pick_model(argument: str | None, option: str | None) -> str | None:
+    if argument and option and argument != option:
+        raise typer.BadParameter("give the model either as MODEL or with -m, not both")
+    return option or argument

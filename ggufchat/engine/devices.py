@@ -1,0 +1,73 @@
+"""The compute devices ggml sees (CPU, CUDA GPUs, RPC servers), with their memory.
+
+The llama-cpp-python bindings do not wrap ggml's device registry, so this reads it from the same
+shared libraries llama_cpp loaded.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from dataclasses import dataclass
+from pathlib import Path
+
+import llama_cpp
+
+from ggufchat.engine.loader import _init_backend
+
+_TYPES = {0: "cpu", 1: "gpu", 2: "igpu", 3: "accel"}
+
+
+@dataclass
+class Device:
+    name: str
+    description: str
+    kind: str
+    free_bytes: int
+    total_bytes: int
+
+
+def _libs() -> tuple[ctypes.CDLL, ctypes.CDLL]:
+    folder = Path(llama_cpp.__file__).parent / "lib"
+    base = ctypes.CDLL(str(folder / "libggml-base.so"))
+    reg = ctypes.CDLL(str(folder / "libggml.so"))
+    reg.ggml_backend_dev_count.restype = ctypes.c_size_t
+    reg.ggml_backend_dev_get.restype = ctypes.c_void_p
+    reg.ggml_backend_dev_get.argtypes = [ctypes.c_size_t]
+    for fn in ("ggml_backend_dev_name", "ggml_backend_dev_description"):
+        getattr(base, fn).restype = ctypes.c_char_p
+        getattr(base, fn).argtypes = [ctypes.c_void_p]
+    base.ggml_backend_dev_type.restype = ctypes.c_int
+    base.ggml_backend_dev_type.argtypes = [ctypes.c_void_p]
+    base.ggml_backend_dev_memory.restype = None
+    base.ggml_backend_dev_memory.argtypes = [
+        ctypes.c_void_p, ctypes.POINTER(ctypes.c_size_t), ctypes.POINTER(ctypes.c_size_t)]
+    return base, reg
+
+
+def list_devices() -> list[Device]:
+    _init_backend()
+    base, reg = _libs()
+    out = []
+    for i in range(reg.ggml_backend_dev_count()):
+        dev = reg.ggml_backend_dev_get(i)
+        free, total = ctypes.c_size_t(0), ctypes.c_size_t(0)
+        base.ggml_backend_dev_memory(dev, ctypes.byref(free), ctypes.byref(total))
+        out.append(Device(
+            name=(base.ggml_backend_dev_name(dev) or b"").decode(),
+            description=(base.ggml_backend_dev_description(dev) or b"").decode(),
+            kind=_TYPES.get(base.ggml_backend_dev_type(dev), "other"),
+            free_bytes=free.value,
+            total_bytes=total.value,
+        ))
+    return out
+
+
+def system_info() -> dict[str, object]:
+    _init_backend()
+    return {
+        "system_info": llama_cpp.llama_print_system_info().decode().strip(" |"),
+        "gpu_offload": bool(llama_cpp.llama_supports_gpu_offload()),
+        "rpc": bool(llama_cpp.llama_supports_rpc()),
+        "mmap": bool(llama_cpp.llama_supports_mmap()),
+        "max_devices": llama_cpp.llama_max_devices(),
+    }
