@@ -34,6 +34,10 @@ def chat(
     model: o.ModelOpt = None,
     prompt: Annotated[Optional[str], typer.Option("-p", "--prompt", help="Answer this prompt, print only the "
                                                   "reply on stdout, and exit.", rich_help_panel=_CHAT)] = None,
+    interactive: Annotated[bool, typer.Option("-i", "--interactive", help="Chat interactively even when "
+                                              "stdin is not a terminal.", rich_help_panel=_CHAT)] = False,
+    interactive_first: Annotated[bool, typer.Option("-if", "--interactive-first", help="Same as -i (llama-cli "
+                                                    "compatibility).", rich_help_panel=_CHAT)] = False,
     system: Annotated[Optional[str], typer.Option("--system", "-sys", help="System prompt.",
                                                   rich_help_panel=_CHAT)] = None,
     system_file: Annotated[Optional[Path], typer.Option("-f", "--file", help="Read the system prompt from "
@@ -83,7 +87,10 @@ def chat(
         if system is not None:
             raise InvalidParameter("give the system prompt with --system or -f, not both")
         system = _read_text(system_file)
-    if prompt is None and not sys.stdin.isatty():
+    interactive = interactive or interactive_first
+    if prompt is not None and interactive:
+        raise InvalidParameter("-p answers one prompt and exits; it cannot be combined with -i")
+    if prompt is None and not interactive and not sys.stdin.isatty():
         prompt = sys.stdin.read()
         if not prompt.strip():
             raise InvalidParameter("stdin was empty", hint="Pipe a prompt in, or pass one with -p.")

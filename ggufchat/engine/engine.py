@@ -183,6 +183,10 @@ class Engine:
         self.scheduler.submit(seq)
         return AsyncStream(self, seq, events)
 
+    def clear_cache(self) -> None:
+        """Forget the KV kept for prefix reuse (idle sequences only); returns once it is done."""
+        self.scheduler.call(self.scheduler.forget_cached).wait()
+
     def close(self) -> None:
         if not self._closed:
             self._closed = True

@@ -94,6 +94,26 @@ class Scheduler:
             raise EngineStopped("the engine is not running")
         self._inbox.put(seq)
 
+    def call(self, fn: Callable[[], None]) -> threading.Event:
+        """Run fn on the engine thread between steps; the returned event is set when it has run."""
+        done = threading.Event()
+
+        def wrapped() -> None:
+            try:
+                fn()
+            finally:
+                done.set()
+
+        self._inbox.put(wrapped)
+        return done
+
+    def forget_cached(self) -> None:
+        """Engine thread only: drop the KV of every idle slot, so no later request reuses it."""
+        for slot in self.slots:
+            if not slot.busy:
+                llama_cpp.llama_memory_seq_rm(self.model.memory, slot.seq_id, -1, -1)
+                slot.tokens.clear()
+
     def cancel(self, seq: Sequence) -> None:
         seq.cancelled = True
         self._inbox.put(None)  # wake the loop if it is idle
@@ -137,8 +157,10 @@ class Scheduler:
         try:
             item = self._inbox.get() if block else self._inbox.get_nowait()
             while True:
-                if item is not None:
+                if isinstance(item, Sequence):
                     self._waiting.append(item)
+                elif item is not None:
+                    item()
                 item = self._inbox.get_nowait()
         except queue.Empty:
             pass
@@ -272,8 +294,9 @@ class Scheduler:
             self._finish(seq, "stop", flush=False)
         elif req.max_tokens is not None and usage.completion_tokens >= req.max_tokens:
             self._finish(seq, "length")
-        elif len(seq.slot.tokens) >= self.n_ctx_seq:
-            self._finish(seq, "length")  # no room left in this sequence's context for the token
+        elif len(seq.slot.tokens) + 1 >= self.n_ctx_seq:
+            # This token took the sequence's last position: prompt + completion == its context.
+            self._finish(seq, "length")
         else:
             seq.next_token = tok
 

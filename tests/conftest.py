@@ -1,0 +1,51 @@
+"""Shared fixtures: the real engine on the embedded SmolLM2-135M model."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from ggufchat.engine import Engine, LoadOptions
+from ggufchat.models.embedded import embedded_model_path
+
+N_SEQ = 8
+
+
+@pytest.fixture(scope="session")
+def model_path() -> Path:
+    return embedded_model_path()
+
+
+@pytest.fixture(scope="session")
+def engine(model_path: Path):
+    """One engine for the whole run: 8 parallel sequences of 2048 tokens each."""
+    eng = Engine(LoadOptions(model_path=model_path, n_seq_max=N_SEQ, n_ctx=2048 * N_SEQ, seed=0))
+    yield eng
+    eng.close()
+
+
+@pytest.fixture
+def fresh(engine: Engine) -> Engine:
+    """The shared engine with its prefix cache emptied, so nothing is reused from earlier tests."""
+    engine.clear_cache()
+    return engine
+
+
+def chat(engine: Engine, text: str, system: str | None = None) -> list[int]:
+    messages = [{"role": "system", "content": system}] if system else []
+    return engine.chat_tokens(messages + [{"role": "user", "content": text}])
+
+
+def run_cli(*args: str, input: str | None = None, env: dict | None = None, timeout: float = 120):
+    """Run the real `ggufchat` command line in a subprocess."""
+    full_env = {**os.environ, "NO_COLOR": "1", **(env or {})}
+    full_env.pop("GGUFCHAT_DEBUG", None)
+    return subprocess.run(
+        [sys.executable, "-m", "ggufchat", *args],
+        input=input if input is not None else "",
+        capture_output=True, text=True, timeout=timeout, env=full_env,
+    )
