@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -32,21 +32,21 @@ def _use_color(flag: bool | None) -> bool:
 def chat(
     model_arg: o.ModelArg = None,
     model: o.ModelOpt = None,
-    prompt: Annotated[Optional[str], typer.Option("-p", "--prompt", help="Answer this prompt, print only the "
+    prompt: Annotated[str | None, typer.Option("-p", "--prompt", help="Answer this prompt, print only the "
                                                   "reply on stdout, and exit.", rich_help_panel=_CHAT)] = None,
     interactive: Annotated[bool, typer.Option("-i", "--interactive", help="Chat interactively even when "
                                               "stdin is not a terminal.", rich_help_panel=_CHAT)] = False,
     interactive_first: Annotated[bool, typer.Option("-if", "--interactive-first", help="Same as -i (llama-cli "
                                                     "compatibility).", rich_help_panel=_CHAT)] = False,
-    system: Annotated[Optional[str], typer.Option("--system", "-sys", help="System prompt.",
+    system: Annotated[str | None, typer.Option("--system", "-sys", help="System prompt.",
                                                   rich_help_panel=_CHAT)] = None,
-    system_file: Annotated[Optional[Path], typer.Option("-f", "--file", help="Read the system prompt from "
+    system_file: Annotated[Path | None, typer.Option("-f", "--file", help="Read the system prompt from "
                                                         "FILE.", rich_help_panel=_CHAT)] = None,
     n_predict: Annotated[int, typer.Option("-n", "--n-predict", help="Most tokens per reply (-1 = until the "
                                            "context is full).", rich_help_panel=_CHAT)] = -1,
-    reverse_prompt: Annotated[Optional[list[str]], typer.Option(
+    reverse_prompt: Annotated[list[str] | None, typer.Option(
         "-r", "--reverse-prompt", help="Stop the reply at this text (repeatable).", rich_help_panel=_CHAT)] = None,
-    color: Annotated[Optional[bool], typer.Option("-co/-no-co", "--color/--no-color", help="Colour the prompt "
+    color: Annotated[bool | None, typer.Option("-co/-no-co", "--color/--no-color", help="Colour the prompt "
                                                   "(default: when stdout is a terminal; NO_COLOR turns it "
                                                   "off).", rich_help_panel=_CHAT, show_default=False)] = None,
     stats: Annotated[bool, typer.Option("--stats", help="Print token counts and speeds after each reply "

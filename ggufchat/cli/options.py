@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -15,9 +15,9 @@ from ggufchat.settings import load_settings
 _ENGINE = "Model and engine"
 _SAMPLING = "Sampling"
 
-ModelArg = Annotated[Optional[str], typer.Argument(
+ModelArg = Annotated[str | None, typer.Argument(
     help="Model: a .gguf path (default: the embedded SmolLM2-135M).", show_default=False)]
-ModelOpt = Annotated[Optional[str], typer.Option(
+ModelOpt = Annotated[str | None, typer.Option(
     "-m", "--model", help="Model .gguf path (same as the MODEL argument).", rich_help_panel=_ENGINE)]
 GpuLayers = Annotated[str, typer.Option(
     "-ngl", "--n-gpu-layers", "--gpu-layers",
@@ -40,18 +40,18 @@ CacheTypeV = Annotated[str, typer.Option(
     "-ctv", "--cache-type-v", help="KV cache type for V (f16, q8_0, q4_0, ...).", rich_help_panel=_ENGINE)]
 SplitMode = Annotated[str, typer.Option(
     "-sm", "--split-mode", help="Multi-GPU split: none, layer or row.", rich_help_panel=_ENGINE)]
-TensorSplit = Annotated[Optional[str], typer.Option(
+TensorSplit = Annotated[str | None, typer.Option(
     "-ts", "--tensor-split", help="Share of the model per GPU, e.g. 3,1.", rich_help_panel=_ENGINE)]
 MainGpu = Annotated[int, typer.Option(
     "-mg", "--main-gpu", help="GPU for the whole model (split none) or for intermediates (row).",
     rich_help_panel=_ENGINE)]
-ChatTemplateName = Annotated[Optional[str], typer.Option(
+ChatTemplateName = Annotated[str | None, typer.Option(
     "--chat-template", help="Built-in template instead of the model's: chatml, qwen, llama-3, llama-2, "
     "gemma, mistral, phi-3.", rich_help_panel=_ENGINE)]
-ChatTemplateFile = Annotated[Optional[Path], typer.Option(
+ChatTemplateFile = Annotated[Path | None, typer.Option(
     "--chat-template-file", help="Jinja chat template file instead of the model's.", rich_help_panel=_ENGINE)]
 
-Seed = Annotated[Optional[int], typer.Option("-s", "--seed", help="Sampling seed (default: random).",
+Seed = Annotated[int | None, typer.Option("-s", "--seed", help="Sampling seed (default: random).",
                                              rich_help_panel=_SAMPLING)]
 Temp = Annotated[float, typer.Option("--temp", "--temperature", help="Temperature; 0 = greedy.",
                                      rich_help_panel=_SAMPLING)]

@@ -71,7 +71,8 @@ _MISTRAL = (
     "{% set prefix = messages[0]['content'] + '\\n\\n' %}{% set loop_messages = messages[1:] %}"
     "{% else %}{% set prefix = '' %}{% set loop_messages = messages %}{% endif %}"
     "{% for message in loop_messages %}"
-    "{% if message['role'] == 'user' %}{{ '[INST] ' + (prefix if loop.first else '') + message['content'] + ' [/INST]' }}"
+    "{% if message['role'] == 'user' %}"
+    "{{ '[INST] ' + (prefix if loop.first else '') + message['content'] + ' [/INST]' }}"
     "{% elif message['role'] == 'assistant' %}{{ message['content'] + eos_token }}{% endif %}"
     "{% endfor %}"
 )

