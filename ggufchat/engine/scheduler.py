@@ -82,15 +82,14 @@ class Scheduler:
         self._waiting: collections.deque[Sequence] = collections.deque()
         self._active: list[Sequence] = []
         self._closing = False
-        self._thread = threading.Thread(target=self._run, name="ggufchat-engine", daemon=True)
+        self._accepting = True  # submissions queue in the inbox until run() picks them up
+        self._started = False
+        self._stopped = threading.Event()
         self.steps = 0
 
     # Called from any thread.
-    def start(self) -> None:
-        self._thread.start()
-
     def submit(self, seq: Sequence) -> None:
-        if self._closing or not self._thread.is_alive():
+        if self._closing or not self._accepting:
             raise EngineStopped("the engine is not running")
         self._inbox.put(seq)
 
@@ -119,10 +118,11 @@ class Scheduler:
         self._inbox.put(None)  # wake the loop if it is idle
 
     def close(self) -> None:
+        """Stop the loop; returns once `run` has failed every pending request and returned."""
         self._closing = True
         self._inbox.put(None)
-        if self._thread.is_alive():
-            self._thread.join()
+        if self._started:
+            self._stopped.wait()
 
     @property
     def queue_depth(self) -> int:
@@ -133,7 +133,9 @@ class Scheduler:
         return len(self._active)
 
     # The engine thread.
-    def _run(self) -> None:
+    def run(self) -> None:
+        """The loop; runs on the thread that loaded the model, until close()."""
+        self._started = True
         batch = llama_cpp.llama_batch_init(self.n_batch, 0, 1)
         try:
             while not self._closing:
@@ -149,9 +151,11 @@ class Scheduler:
             self._fail_all(EngineStopped(f"the engine stopped: {exc}"))
             self._closing = True
         finally:
+            self._accepting = False
             llama_cpp.llama_batch_free(batch)
             self._drain_inbox(block=False)
             self._fail_all(EngineStopped("the engine was closed"))
+            self._stopped.set()
 
     def _drain_inbox(self, block: bool) -> None:
         try:
