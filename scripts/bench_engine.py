@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
 """ggufchat's engine side by side with llama.cpp's llama-bench and llama-batched-bench, in one run.
 
-Each tool runs in its own process, one after the other, on the same model and thread count; the table
-shows tokens/s and the ratio ggufchat / llama.cpp (absolute numbers drift between machines, ratios less).
+Each tool runs in its own process, on the same model and thread count. Shared 2-core machines drift by
++-15% over minutes, so the tools take turns for several rounds and the table shows medians: tokens/s
+of each, and the median of the per-round ratios ggufchat / llama.cpp.
 
     python scripts/bench_engine.py --tools .build/llama.cpp/bin [--model M] [--threads 2] [--markdown F]
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -62,7 +64,8 @@ def main() -> None:
     ap.add_argument("--model", default=None, help="GGUF file (default: the embedded model)")
     ap.add_argument("--threads", type=int, default=min(os.cpu_count() or 2, 8))
     ap.add_argument("--parallel", default="1,4,8,16")
-    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--reps", type=int, default=2, help="llama-bench repetitions per round")
+    ap.add_argument("--rounds", type=int, default=3, help="turns each tool takes")
     ap.add_argument("--markdown", type=Path, help="also write the table to this file")
     args = ap.parse_args()
     if args.model is None:
@@ -73,26 +76,32 @@ def main() -> None:
         if not (args.tools / tool).is_file():
             sys.exit(f"Error: {args.tools / tool} is missing. Build it with `make llama-tools`.")
 
-    ours = ggufchat_bench(args.model, args.threads, args.parallel, args.reps)
-    single = llama_bench(args.tools, args.model, args.threads, args.reps)
-    batched = batched_bench(args.tools, args.model, args.threads, args.parallel)
+    samples: dict[tuple[str, int], list[tuple[float, float]]] = {}
+    for round_no in range(args.rounds):
+        print(f"round {round_no + 1}/{args.rounds}", file=sys.stderr)
+        ours = {(r["test"], r["sequences"]): r["tokens_per_second"]
+                for r in ggufchat_bench(args.model, args.threads, args.parallel, 1)}
+        single = llama_bench(args.tools, args.model, args.threads, args.reps)
+        batched = batched_bench(args.tools, args.model, args.threads, args.parallel)
+        samples.setdefault(("pp512", 1), []).append((ours[("pp512", 1)], single["pp512"]))
+        samples.setdefault(("tg128", 1), []).append((ours[("tg128", 1)], single["tg128"]))
+        for n, (pp, tg) in batched.items():
+            samples.setdefault(("pp128 batched", n), []).append((ours[("batched pp128", n)], pp))
+            samples.setdefault(("tg128 batched", n), []).append((ours[("batched tg128", n)], tg))
 
-    rows = []  # (test, sequences, ggufchat, llama.cpp tool, reference, target)
-    by_test = {(r["test"], r["sequences"]): r["tokens_per_second"] for r in ours}
-    rows.append(("pp512", 1, by_test[("pp512", 1)], "llama-bench", single.get("pp512"), None))
-    rows.append(("tg128", 1, by_test[("tg128", 1)], "llama-bench", single.get("tg128"), TARGETS[("tg", 1)]))
-    for n, (pp, tg) in sorted(batched.items()):
-        rows.append(("pp128 batched", n, by_test[("batched pp128", n)], "llama-batched-bench", pp, None))
-        rows.append(("tg128 batched", n, by_test[("batched tg128", n)], "llama-batched-bench", tg,
-                     TARGETS.get(("tg", n)) if n == 8 else None))
+    rows = []  # (test, sequences, ggufchat, reference, median ratio, tool, target)
+    for (test, n), pairs in samples.items():
+        tool = "llama-bench" if n == 1 and "batched" not in test else "llama-batched-bench"
+        target = TARGETS.get(("tg", n)) if test.startswith("tg") and (n == 8 or "batched" not in test) else None
+        rows.append((test, n, statistics.median(p[0] for p in pairs), statistics.median(p[1] for p in pairs),
+                     statistics.median(p[0] / p[1] for p in pairs), tool, target))
 
-    lines = [f"model: {Path(args.model).name}, threads: {args.threads}",
+    lines = [f"model: {Path(args.model).name}, threads: {args.threads}, rounds: {args.rounds} (medians)",
              "",
              "| test | sequences | ggufchat t/s | llama.cpp t/s | tool | ratio | target |",
              "| --- | ---: | ---: | ---: | --- | ---: | --- |"]
     failed = []
-    for test, n, mine, tool, ref, target in rows:
-        ratio = mine / ref if ref else float("nan")
+    for test, n, mine, ref, ratio, tool, target in rows:
         verdict = ""
         if target is not None:
             ok = ratio >= target

@@ -9,12 +9,14 @@ from typing import Annotated
 
 import typer
 
-from ggufchat.chat.repl import ChatConfig, one_shot, run_repl
+from ggufchat.chat.conversation import RawConversation, process_escapes
+from ggufchat.chat.repl import ChatConfig, one_shot, run_repl, stream_tokens
 from ggufchat.cli import options as o
 from ggufchat.engine import Engine
 from ggufchat.errors import InvalidParameter
 
 _CHAT = "Chat"
+_RAW = "Raw mode (llama-cli compatible)"
 
 
 def _announce(engine: Engine) -> None:
@@ -36,8 +38,19 @@ def chat(
                                                   "reply on stdout, and exit.", rich_help_panel=_CHAT)] = None,
     interactive: Annotated[bool, typer.Option("-i", "--interactive", help="Chat interactively even when "
                                               "stdin is not a terminal.", rich_help_panel=_CHAT)] = False,
-    interactive_first: Annotated[bool, typer.Option("-if", "--interactive-first", help="Same as -i (llama-cli "
-                                                    "compatibility).", rich_help_panel=_CHAT)] = False,
+    interactive_first: Annotated[bool, typer.Option("-if", "--interactive-first", help="Interactive, and wait "
+                                                    "for your input before generating anything.",
+                                                    rich_help_panel=_CHAT)] = False,
+    in_prefix: Annotated[str | None, typer.Option("--in-prefix", help="Raw mode: text put before each of "
+                                                     "your messages (escapes like \\n are read).",
+                                                     rich_help_panel=_RAW)] = None,
+    in_suffix: Annotated[str | None, typer.Option("--in-suffix", help="Raw mode: text put after each of "
+                                                     "your messages.", rich_help_panel=_RAW)] = None,
+    raw: Annotated[bool, typer.Option("--raw", help="Raw mode without prefix/suffix: no chat template, -f is "
+                                      "the initial prompt.", rich_help_panel=_RAW)] = False,
+    context_shift: Annotated[bool, typer.Option("--context-shift", help="When the conversation outgrows the "
+                                                "context, drop the oldest turns instead of stopping.",
+                                                rich_help_panel=_CHAT)] = False,
     system: Annotated[str | None, typer.Option("--system", "-sys", help="System prompt.",
                                                   rich_help_panel=_CHAT)] = None,
     system_file: Annotated[Path | None, typer.Option("-f", "--file", help="Read the system prompt from "
@@ -87,6 +100,7 @@ def chat(
         if system is not None:
             raise InvalidParameter("give the system prompt with --system or -f, not both")
         system = _read_text(system_file)
+    raw = raw or in_prefix is not None or in_suffix is not None
     interactive = interactive or interactive_first
     if prompt is not None and interactive:
         raise InvalidParameter("-p answers one prompt and exits; it cannot be combined with -i")
@@ -101,9 +115,10 @@ def chat(
                                    presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
                                    seed=seed),
         max_tokens=None if n_predict == -1 else n_predict,
-        stop=list(reverse_prompt or []),
+        stop=[process_escapes(r) for r in reverse_prompt or []],
         stats=stats,
         color=_use_color(color),
+        context_shift=context_shift,
     )
     load = o.load_options(
         model=o.pick_model(model_arg, model), n_gpu_layers=n_gpu_layers, flash_attn=flash_attn,
@@ -113,12 +128,28 @@ def chat(
     )
     with Engine(load, chat_template=chat_template, chat_template_file=chat_template_file) as engine:
         _announce(engine)
-        if prompt is not None:
-            one_shot(engine, prompt, cfg)
+        if not raw:
+            if prompt is not None:
+                one_shot(engine, prompt, cfg)
+                return
+            print("Type a message; /help for commands, Ctrl-D to leave.", file=sys.stderr)
+            _enable_line_editing()
+            run_repl(engine, cfg)
             return
-        print("Type a message; /help for commands, Ctrl-D to leave.", file=sys.stderr)
+        convo = RawConversation(engine, system or "", process_escapes(in_prefix or ""),
+                                process_escapes(in_suffix or ""))
+        if prompt is not None:
+            convo.add_user(prompt)
+            text, _, finish = stream_tokens(engine, convo.prompt_tokens(), cfg, sys.stdout)
+            print()
+            if finish.error is not None:
+                raise finish.error
+            return
+        print("Raw mode: your text goes between --in-prefix and --in-suffix; /help for commands.",
+              file=sys.stderr)
         _enable_line_editing()
-        run_repl(engine, cfg)
+        # Like llama-cli: without -if the model first continues the initial prompt.
+        run_repl(engine, cfg, convo=convo, generate_first=not interactive_first and bool(convo.system))
 
 
 def _read_text(path: Path) -> str:

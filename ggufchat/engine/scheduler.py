@@ -287,7 +287,7 @@ class Scheduler:
             usage.t_first_token = now
         req = seq.request
         if tok in self._eog and not req.ignore_eos:
-            self._finish(seq, "stop")
+            self._finish(seq, "stop", eog_token=tok)
             return
         seq.unsent.append(tok)
         text, hit = seq.stops.push(seq.detok.push(tok))
@@ -311,13 +311,14 @@ class Scheduler:
             log.debug("request %s: consumer gone, cancelling", seq.request.id, exc_info=True)
             seq.cancelled = True
 
-    def _finish(self, seq: Sequence, reason: str, *, flush: bool = True, error: BaseException | None = None) -> None:
+    def _finish(self, seq: Sequence, reason: str, *, flush: bool = True, error: BaseException | None = None,
+                eog_token: int | None = None) -> None:
         if flush and reason != "cancelled" and seq.detok is not None:
             tail = seq.stops.push(seq.detok.flush())[0] + seq.stops.flush()
             if tail or seq.unsent:
                 self._emit(seq, Delta(tail, seq.unsent))
         seq.usage.t_end = time.perf_counter()
-        self._emit(seq, Finish(reason, seq.usage, error))
+        self._emit(seq, Finish(reason, seq.usage, error, eog_token))
         if seq.sampler is not None:
             llama_cpp.llama_sampler_free(seq.sampler)
             seq.sampler = None

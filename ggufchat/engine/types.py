@@ -57,6 +57,7 @@ class Finish:
     reason: str
     usage: Usage
     error: BaseException | None = None
+    eog_token: int | None = None  # the end-of-generation token that ended it, if one did (never emitted as text)
 
 
 Event = Delta | Finish
