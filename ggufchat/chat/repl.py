@@ -41,6 +41,7 @@ class ChatConfig:
     stats: bool = False
     color: bool = False
     context_shift: bool = False
+    ignore_eos: bool = False
 
 
 class Style:
@@ -67,7 +68,8 @@ def format_stats(finish: Finish) -> str:
 def stream_tokens(engine: Engine, tokens: list[int], cfg: ChatConfig,
                   out: TextIO) -> tuple[str, list[int], Finish]:
     """Stream one reply to `out`. Ctrl-C stops the reply; the text so far is returned."""
-    stream = engine.submit(GenerationRequest(tokens, cfg.sampling, max_tokens=cfg.max_tokens, stop=cfg.stop))
+    stream = engine.submit(GenerationRequest(tokens, cfg.sampling, max_tokens=cfg.max_tokens, stop=cfg.stop,
+                                             ignore_eos=cfg.ignore_eos))
     parts: list[str] = []
     ids: list[int] = []
     try:

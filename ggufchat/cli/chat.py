@@ -48,6 +48,8 @@ def chat(
                                                      "your messages.", rich_help_panel=_RAW)] = None,
     raw: Annotated[bool, typer.Option("--raw", help="Raw mode without prefix/suffix: no chat template, -f is "
                                       "the initial prompt.", rich_help_panel=_RAW)] = False,
+    ignore_eos: Annotated[bool, typer.Option("--ignore-eos", help="Keep generating past end-of-turn tokens "
+                                             "(until -n or the context ends).", rich_help_panel=_CHAT)] = False,
     context_shift: Annotated[bool, typer.Option("--context-shift", help="When the conversation outgrows the "
                                                 "context, drop the oldest turns instead of stopping.",
                                                 rich_help_panel=_CHAT)] = False,
@@ -119,6 +121,7 @@ def chat(
         stats=stats,
         color=_use_color(color),
         context_shift=context_shift,
+        ignore_eos=ignore_eos,
     )
     load = o.load_options(
         model=o.pick_model(model_arg, model), n_gpu_layers=n_gpu_layers, flash_attn=flash_attn,

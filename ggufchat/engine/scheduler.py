@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import llama_cpp
 
 from ggufchat.engine.loader import LoadedModel
-from ggufchat.engine.sampling import build_chain
+from ggufchat.engine.sampling import Sampler, make_sampler
 from ggufchat.engine.stops import StopMatcher
 from ggufchat.engine.tokens import Detokenizer, Tokenizer
 from ggufchat.engine.types import Delta, Event, Finish, GenerationRequest, Usage
@@ -48,7 +48,7 @@ class Sequence:
     usage: Usage
     cancelled: bool = False
     slot: Slot | None = None
-    sampler: object = None
+    sampler: Sampler | None = None
     detok: Detokenizer | None = None
     stops: StopMatcher | None = None
     pending: list[int] = field(default_factory=list)  # prompt tokens not yet decoded
@@ -210,7 +210,7 @@ class Scheduler:
         seq.usage.cached_tokens = keep
         seq.usage.t_start = time.perf_counter()
         req = seq.request
-        seq.sampler = build_chain(
+        seq.sampler = make_sampler(
             req.sampling,
             n_vocab=self.tokenizer.n_vocab,
             n_ctx_seq=self.n_ctx_seq,
@@ -219,7 +219,7 @@ class Scheduler:
         )
         if req.sampling.has_penalties:
             for tok in prompt:
-                llama_cpp.llama_sampler_accept(seq.sampler, tok)
+                seq.sampler.accept(tok)
         seq.detok = Detokenizer(self.tokenizer)
         seq.stops = StopMatcher(req.stop)
         self._active.append(seq)
@@ -279,7 +279,7 @@ class Scheduler:
         return n
 
     def _sample(self, seq: Sequence) -> None:
-        tok = llama_cpp.llama_sampler_sample(seq.sampler, self.model.ctx, seq.batch_index)
+        tok = seq.sampler.sample(self.model.ctx, seq.batch_index)
         now = time.perf_counter()
         usage = seq.usage
         usage.completion_tokens += 1
@@ -320,7 +320,7 @@ class Scheduler:
         seq.usage.t_end = time.perf_counter()
         self._emit(seq, Finish(reason, seq.usage, error, eog_token))
         if seq.sampler is not None:
-            llama_cpp.llama_sampler_free(seq.sampler)
+            seq.sampler.free()
             seq.sampler = None
         if seq.slot is not None:
             seq.slot.busy = False
