@@ -56,7 +56,8 @@ def chat(
     system: Annotated[str | None, typer.Option("--system", "-sys", help="System prompt.",
                                                   rich_help_panel=_CHAT)] = None,
     system_file: Annotated[Path | None, typer.Option("-f", "--file", help="Read the system prompt from "
-                                                        "FILE.", rich_help_panel=_CHAT)] = None,
+                                                        "FILE (raw mode: the initial prompt).",
+                                                        rich_help_panel=_CHAT)] = None,
     n_predict: Annotated[int, typer.Option("-n", "--n-predict", help="Most tokens per reply (-1 = until the "
                                            "context is full).", rich_help_panel=_CHAT)] = -1,
     reverse_prompt: Annotated[list[str] | None, typer.Option(

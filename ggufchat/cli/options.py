@@ -15,7 +15,7 @@ from ggufchat.settings import load_settings
 _ENGINE = "Model and engine"
 _SAMPLING = "Sampling"
 
-ModelArg = Annotated[str | None, typer.Argument(
+ModelArg = Annotated[str | None, typer.Argument(metavar="MODEL",
     help="Model: a .gguf path (default: the embedded SmolLM2-135M).", show_default=False)]
 ModelOpt = Annotated[str | None, typer.Option(
     "-m", "--model", help="Model .gguf path (same as the MODEL argument).", rich_help_panel=_ENGINE)]
