@@ -36,11 +36,16 @@ def _run_batch(engine: Engine, prompts: list[list[int]], n_gen: int) -> tuple[fl
     return first - t0, decoded / (end - first) if end > first else 0.0
 
 
+def ctx_per_seq(n_prompt: int, n_pp_batched: int, n_gen: int) -> int:
+    """The context each sequence gets; scripts/bench_engine.py gives llama-batched-bench the same."""
+    need = max(n_prompt, n_pp_batched) + n_gen + 16
+    return (need + 255) // 256 * 256
+
+
 def run_bench(options: LoadOptions, *, n_prompt: int = 512, n_gen: int = 128, n_pp_batched: int = 128,
               counts: list[int] | None = None, repetitions: int = 3) -> list[dict]:
     counts = counts or [1, 4, 8, 16]
-    per_seq = max(n_prompt, n_pp_batched) + n_gen + 16
-    per_seq = (per_seq + 255) // 256 * 256
+    per_seq = ctx_per_seq(n_prompt, n_pp_batched, n_gen)
     options.n_seq_max = max(counts)
     options.n_ctx = per_seq * options.n_seq_max
     options.n_batch = max(options.n_batch, n_prompt, n_pp_batched * max(counts))

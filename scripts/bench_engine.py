@@ -45,9 +45,13 @@ def llama_bench(tools: Path, model: str, threads: int, reps: int) -> dict:
 
 
 def batched_bench(tools: Path, model: str, threads: int, counts: str) -> dict:
+    from ggufchat.bench import ctx_per_seq
+
     n_max = max(int(c) for c in counts.split(","))
+    # The same context per sequence as `ggufchat bench` uses: attention cost grows with it.
+    n_ctx = ctx_per_seq(512, 128, 128) * n_max
     rows = run_json_lines([str(tools / "llama-batched-bench"), "-m", model, "-t", str(threads),
-                           "-c", str(n_max * 256 + 256), "-b", "2048", "-ub", "512", "-npp", "128",
+                           "-c", str(n_ctx), "-b", "2048", "-ub", "512", "-npp", "128",
                            "-ntg", "128", "-npl", counts, "--output-format", "jsonl"])
     return {int(r["pl"]): (r["speed_pp"], r["speed_tg"]) for r in rows}
 
