@@ -42,9 +42,9 @@ def _root(
 
 def _register() -> None:
     # Imported here so `ggufchat --help` does not pay for every verb's imports twice.
-    from ggufchat.cli import bench, chat, doctor
+    from ggufchat.cli import bench, chat, doctor, models
 
-    for module in (chat, bench, doctor):
+    for module in (chat, models, bench, doctor):
         module.register(app)
 
 
@@ -68,7 +68,7 @@ def error_line(exc: BaseException) -> str:
     """One line: what went wrong, then what to do next."""
     message = str(exc).strip() or type(exc).__name__
     hint = getattr(exc, "hint", None)
-    line = f"Error: {message[0].upper()}{message[1:]}"
+    line = f"Error: {message}"  # not capitalised: messages may start with a name or a path
     if hint:
         line = f"{line.rstrip('.')}. {hint}"
     return line.replace("\n", " ")

@@ -10,13 +10,13 @@ import typer
 from ggufchat.engine.loader import LoadOptions, parse_gpu_layers, parse_tensor_split
 from ggufchat.engine.sampling import SamplingParams
 from ggufchat.models.resolve import resolve_model
-from ggufchat.settings import load_settings
 
 _ENGINE = "Model and engine"
 _SAMPLING = "Sampling"
 
 ModelArg = Annotated[str | None, typer.Argument(metavar="MODEL",
-    help="Model: a .gguf path (default: the embedded SmolLM2-135M).", show_default=False)]
+    help="Model: a .gguf path, a cached model or alias (default: the embedded SmolLM2-135M).",
+    show_default=False)]
 ModelOpt = Annotated[str | None, typer.Option(
     "-m", "--model", help="Model .gguf path (same as the MODEL argument).", rich_help_panel=_ENGINE)]
 GpuLayers = Annotated[str, typer.Option(
@@ -72,7 +72,7 @@ def load_options(*, model: str | None, n_gpu_layers: str, flash_attn: str, ctx_s
                  batch_size: int, ubatch_size: int, cache_type_k: str, cache_type_v: str, split_mode: str,
                  tensor_split: str | None, main_gpu: int, seed: int | None, n_seq_max: int = 1) -> LoadOptions:
     options = LoadOptions(
-        model_path=resolve_model(model or load_settings().model),
+        model_path=resolve_model(model),
         n_gpu_layers=parse_gpu_layers(n_gpu_layers),
         flash_attn=flash_attn.lower(),
         n_ctx=ctx_size,

@@ -1,0 +1,153 @@
+"""Model names users type: catalog aliases with quant tags, hub URLs, and plain paths.
+
+    qwen2-7b-instruct:q5_k_m            an alias from the catalog, with a quant tag
+    hf://Qwen/Qwen2-7B-Instruct-GGUF:q5_k_m   a Hugging Face repo and a quant tag
+    ms://qwen/Qwen2-7B-Instruct-GGUF/qwen2-7b-instruct-q5_k_m.gguf   a ModelScope repo and a file
+    https://example.org/model.gguf      a direct link
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from ggufchat.errors import InvalidParameter
+
+
+@dataclass(frozen=True)
+class CatalogEntry:
+    alias: str
+    hf_repo: str
+    ms_repo: str | None
+    default_quant: str | None
+    about: str
+
+
+CATALOG: dict[str, CatalogEntry] = {e.alias: e for e in [
+    CatalogEntry("qwen2-7b-instruct", "Qwen/Qwen2-7B-Instruct-GGUF", "qwen/Qwen2-7B-Instruct-GGUF",
+                 "q4_k_m", "Qwen2 7B Instruct (ChatML), the model of the llama.cpp tutorial"),
+    CatalogEntry("qwen2.5-0.5b-instruct", "Qwen/Qwen2.5-0.5B-Instruct-GGUF", "Qwen/Qwen2.5-0.5B-Instruct-GGUF",
+                 "q4_k_m", "Qwen2.5 0.5B Instruct: small enough for any laptop"),
+    CatalogEntry("qwen2.5-7b-instruct", "Qwen/Qwen2.5-7B-Instruct-GGUF", "Qwen/Qwen2.5-7B-Instruct-GGUF",
+                 "q4_k_m", "Qwen2.5 7B Instruct (split GGUF files)"),
+    CatalogEntry("llama-3-8b-instruct", "QuantFactory/Meta-Llama-3-8B-Instruct-GGUF",
+                 "LLM-Research/Meta-Llama-3-8B-Instruct-GGUF", "q4_k_m", "Meta Llama 3 8B Instruct"),
+    CatalogEntry("smollm2-135m-instruct", "bartowski/SmolLM2-135M-Instruct-GGUF", None, "q4_k_m",
+                 "SmolLM2 135M Instruct (the embedded default ships as Q4_1)"),
+]}
+
+SOURCES = ("hf", "ms")
+_SPLIT_RE = re.compile(r"-(\d{5})-of-(\d{5})\.gguf$", re.IGNORECASE)
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """What a model spec names, before anything is looked up."""
+
+    kind: str  # "catalog", "hf", "ms" or "url"
+    repo: str | None = None  # catalog alias, or owner/name
+    quant: str | None = None
+    filename: str | None = None
+    url: str | None = None
+
+    @property
+    def display(self) -> str:
+        if self.kind == "url":
+            return self.url or ""
+        prefix = "" if self.kind == "catalog" else f"{self.kind}://"
+        tail = f"/{self.filename}" if self.filename else (f":{self.quant}" if self.quant else "")
+        return f"{prefix}{self.repo}{tail}"
+
+
+def looks_like_remote(spec: str) -> bool:
+    return spec.startswith(("hf://", "ms://", "https://", "http://")) or spec.split(":")[0].lower() in CATALOG
+
+
+def parse_spec(spec: str) -> ModelRef:
+    """Parse a model spec; raise InvalidParameter with the accepted forms when it fits none."""
+    text = spec.strip()
+    if text.startswith(("https://", "http://")):
+        if not text.split("?")[0].lower().endswith(".gguf"):
+            raise InvalidParameter(f"{spec} does not point at a .gguf file", param="model")
+        return ModelRef("url", url=text, filename=text.split("?")[0].rsplit("/", 1)[-1])
+    for scheme in SOURCES:
+        if text.startswith(f"{scheme}://"):
+            rest = text[len(scheme) + 3:]
+            parts = rest.split("/")
+            if len(parts) < 2 or not parts[0] or not parts[1]:
+                raise InvalidParameter(f"{spec}: expected {scheme}://OWNER/REPO[:QUANT|/FILE]", param="model")
+            owner, name = parts[0], parts[1]
+            quant = None
+            if ":" in name:
+                name, quant = name.split(":", 1)
+            filename = "/".join(parts[2:]) or None
+            if filename and quant:
+                raise InvalidParameter(f"{spec}: give a quant tag or a file, not both", param="model")
+            return ModelRef(scheme, repo=f"{owner}/{name}", quant=quant.lower() if quant else None,
+                            filename=filename)
+    alias, _, quant = text.partition(":")
+    if alias.lower() in CATALOG:
+        entry = CATALOG[alias.lower()]
+        return ModelRef("catalog", repo=entry.alias, quant=(quant or entry.default_quant or "").lower() or None)
+    raise InvalidParameter(
+        f"unknown model {spec!r}",
+        hint="Use an alias (" + ", ".join(CATALOG) + "), hf://OWNER/REPO[:QUANT|/FILE], "
+             "ms://OWNER/REPO[:QUANT|/FILE], an https URL of a .gguf, or a path to a .gguf file.",
+        param="model",
+    )
+
+
+def split_info(filename: str) -> tuple[str, int, int] | None:
+    """('prefix', part, of) for split GGUF names like x-00001-of-00003.gguf, else None."""
+    m = _SPLIT_RE.search(filename)
+    if not m:
+        return None
+    return filename[: m.start()], int(m.group(1)), int(m.group(2))
+
+
+def pick_files(listing: list[str], quant: str | None, where: str) -> list[str]:
+    """The GGUF file(s) of one model in a repo listing: one file, or every part of a split model.
+
+    The quant tag matches case-insensitively as a whole word of the file name.
+    """
+    ggufs = sorted(f for f in listing if f.lower().endswith(".gguf"))
+    if not ggufs:
+        raise InvalidParameter(f"{where} holds no .gguf files")
+    models = _group(ggufs)
+    if quant:
+        # "q4_k" must not pick "q4_k_m": the tag ends where no letter, digit or "_" follows.
+        pattern = re.compile(rf"(?<![a-z0-9]){re.escape(quant.lower())}(?![a-z0-9_])")
+        models = {k: v for k, v in models.items() if pattern.search(k.lower())}
+    if len(models) == 1:
+        return next(iter(models.values()))
+    offered = ", ".join(sorted({quant_of(k) or k for k in _group(ggufs)}))
+    if not models:
+        raise InvalidParameter(f"{where} has no file for quant {quant!r}; it offers: {offered}", param="quant")
+    raise InvalidParameter(
+        f"{where} has several files for {quant or 'this model'}: {', '.join(sorted(models))}; "
+        f"name a quant tag ({offered}) or a file",
+        param="quant",
+    )
+
+
+def _group(ggufs: list[str]) -> dict[str, list[str]]:
+    """Model key (file name, or split prefix) -> files, parts in order."""
+    groups: dict[str, list[str]] = {}
+    for f in ggufs:
+        info = split_info(f)
+        key = info[0] + ".gguf" if info else f
+        groups.setdefault(key, []).append(f)
+    return groups
+
+
+_QUANT_RE = re.compile(r"(?i)(?<![a-z0-9])((?:i?q\d(?:_[a-z0-9]+)*)|fp16|f16|bf16|fp32|f32)(?![a-z0-9])")
+
+
+def quant_of(filename: str) -> str | None:
+    """The quant tag in a GGUF file name (q5_k_m, iq4_xs, f16, ...), lower case."""
+    name = filename.rsplit("/", 1)[-1]
+    info = split_info(name)
+    if info:
+        name = info[0]
+    found = _QUANT_RE.findall(name)
+    return found[-1].lower() if found else None
