@@ -58,6 +58,10 @@ class TemplateError(GgufchatError):
     hint = "Pick a built-in template with --chat-template NAME or supply one with --chat-template-file."
 
 
+class DownloadError(GgufchatError):
+    """A download failed; nothing half-written was left where models are looked up."""
+
+
 class EngineStopped(GgufchatError):
     """The engine was closed, or its decode loop failed, while a request was pending."""
 

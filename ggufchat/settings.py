@@ -18,6 +18,10 @@ class Settings(BaseSettings):
     model: str | None = Field(default=None, description="Model used when a verb names none.")
     debug: bool = Field(default=False, description="Show tracebacks and llama.cpp's own log.")
     offline: bool = Field(default=False, description="Resolve models from the cache only.")
+    hf_endpoint: str | None = Field(default=None, description="Hugging Face endpoint (default: HF_ENDPOINT "
+                                    "or huggingface.co).")
+    ms_endpoint: str | None = Field(default=None, description="ModelScope endpoint (default: MODELSCOPE_ENDPOINT "
+                                    "or www.modelscope.cn).")
 
 
 def load_settings() -> Settings:

@@ -34,6 +34,7 @@ def _use_color(flag: bool | None) -> bool:
 def chat(
     model_arg: o.ModelArg = None,
     model: o.ModelOpt = None,
+    pull: o.Pull = False,
     prompt: Annotated[str | None, typer.Option("-p", "--prompt", help="Answer this prompt, print only the "
                                                   "reply on stdout, and exit.", rich_help_panel=_CHAT)] = None,
     interactive: Annotated[bool, typer.Option("-i", "--interactive", help="Chat interactively even when "
@@ -128,7 +129,7 @@ def chat(
         model=o.pick_model(model_arg, model), n_gpu_layers=n_gpu_layers, flash_attn=flash_attn,
         ctx_size=ctx_size, threads=threads, batch_size=batch_size, ubatch_size=ubatch_size,
         cache_type_k=cache_type_k, cache_type_v=cache_type_v, split_mode=split_mode,
-        tensor_split=tensor_split, main_gpu=main_gpu, seed=seed,
+        tensor_split=tensor_split, main_gpu=main_gpu, seed=seed, pull=pull,
     )
     with Engine(load, chat_template=chat_template, chat_template_file=chat_template_file) as engine:
         _announce(engine)

@@ -113,7 +113,39 @@ def rm(name: Annotated[str, typer.Argument(help="Cached model name (see `ggufcha
     print(f"removed {model.name} ({_human(model.size)})")
 
 
+def download_model(
+    model: Annotated[str, typer.Argument(help="alias[:quant], hf://OWNER/REPO[:QUANT|/FILE] or "
+                                              "ms://OWNER/REPO[:QUANT|/FILE].", show_default=False)],
+    source: Annotated[str, typer.Option("--source", help="hf, ms, or auto (Hugging Face, then ModelScope).")]
+    = "auto",
+    revision: Annotated[str | None, typer.Option("--revision", help="Branch, tag or commit.")] = None,
+    token_file: Annotated[Path | None, typer.Option("--token-file", help="Read the hub token from FILE "
+                                                    "(default: HF_TOKEN / MODELSCOPE_API_TOKEN).")] = None,
+    offline: Annotated[bool, typer.Option("--offline", help="Use the cache only (also GGUFCHAT_OFFLINE=1).")]
+    = False,
+) -> None:
+    """Download a GGUF model from Hugging Face or ModelScope into the cache (resumable, verified)."""
+    import sys
+
+    from ggufchat.errors import InvalidParameter
+    from ggufchat.models.hub import download
+
+    settings = load_settings()
+    if offline:
+        settings.offline = True
+    token = None
+    if token_file is not None:
+        try:
+            token = token_file.read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            raise InvalidParameter(f"cannot read --token-file {token_file}: {exc.strerror}") from exc
+    model = download(model, settings, source=source.lower(), revision=revision, token=token,
+                     report=lambda line: print(line, file=sys.stderr))
+    print(model.path)
+
+
 def register(app: typer.Typer) -> None:
+    app.command("download")(download_model)
     app.command("list")(list_models)
     app.command("show")(show)
     app.command("rm")(rm)

@@ -9,7 +9,10 @@ import typer
 
 from ggufchat.engine.loader import LoadOptions, parse_gpu_layers, parse_tensor_split
 from ggufchat.engine.sampling import SamplingParams
+from ggufchat.errors import ModelNotFound
+from ggufchat.models.catalog import looks_like_remote
 from ggufchat.models.resolve import resolve_model
+from ggufchat.settings import load_settings
 
 _ENGINE = "Model and engine"
 _SAMPLING = "Sampling"
@@ -17,6 +20,8 @@ _SAMPLING = "Sampling"
 ModelArg = Annotated[str | None, typer.Argument(metavar="MODEL",
     help="Model: a .gguf path, a cached model or alias (default: the embedded SmolLM2-135M).",
     show_default=False)]
+Pull = Annotated[bool, typer.Option("--pull", help="Download the model first if it is not cached.",
+                                    rich_help_panel=_ENGINE)]
 ModelOpt = Annotated[str | None, typer.Option(
     "-m", "--model", help="Model .gguf path (same as the MODEL argument).", rich_help_panel=_ENGINE)]
 GpuLayers = Annotated[str, typer.Option(
@@ -70,9 +75,10 @@ FrequencyPenalty = Annotated[float, typer.Option("--frequency-penalty", help="Fr
 
 def load_options(*, model: str | None, n_gpu_layers: str, flash_attn: str, ctx_size: int, threads: int,
                  batch_size: int, ubatch_size: int, cache_type_k: str, cache_type_v: str, split_mode: str,
-                 tensor_split: str | None, main_gpu: int, seed: int | None, n_seq_max: int = 1) -> LoadOptions:
+                 tensor_split: str | None, main_gpu: int, seed: int | None, n_seq_max: int = 1,
+                 pull: bool = False) -> LoadOptions:
     options = LoadOptions(
-        model_path=resolve_model(model),
+        model_path=_model_path(model, pull),
         n_gpu_layers=parse_gpu_layers(n_gpu_layers),
         flash_attn=flash_attn.lower(),
         n_ctx=ctx_size,
@@ -89,6 +95,19 @@ def load_options(*, model: str | None, n_gpu_layers: str, flash_attn: str, ctx_s
     )
     options.validate()
     return options
+
+
+def _model_path(model: str | None, pull: bool):
+    try:
+        return resolve_model(model)
+    except ModelNotFound:
+        if not (pull and model and looks_like_remote(model)):
+            raise
+    import sys
+
+    from ggufchat.models.hub import download
+
+    return download(model, load_settings(), report=lambda line: print(line, file=sys.stderr)).path
 
 
 def sampling_params(*, temp: float, top_k: int, top_p: float, min_p: float, repeat_penalty: float,

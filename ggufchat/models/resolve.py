@@ -33,7 +33,7 @@ def resolve_model(spec: str | None, settings: Settings | None = None) -> Path:
         if cached is None:
             offline = " (offline: only the cache is used)" if settings.offline else ""
             raise ModelNotFound(f"{spec} is not downloaded yet{offline}",
-                                hint=f"Run `ggufchat download {spec}` first.")
+                                hint=f"Run `ggufchat download {spec}` first (or add --pull).")
     if cached is not None:
         return cached.path
     if path.exists():

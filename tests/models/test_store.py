@@ -57,7 +57,7 @@ def test_rm_then_the_name_asks_for_a_download(home):
     again = run_cli("chat", NAME, "-p", "Hi", env=env(home))
     assert again.returncode == 1
     assert again.stderr.strip().splitlines() == [
-        f"Error: {NAME} is not downloaded yet. Run `ggufchat download {NAME}` first."]
+        f"Error: {NAME} is not downloaded yet. Run `ggufchat download {NAME}` first (or add --pull)."]
     missing = run_cli("rm", NAME, env=env(home))
     assert missing.returncode == 1 and missing.stderr.startswith("Error: ")
 

@@ -1,0 +1,224 @@
+"""`ggufchat download`: list a repo and fetch GGUF files through the hub clients, then verify and install.
+
+The HTTP is the clients' own (huggingface_hub, modelscope): we pick files, check disk space, hash
+what arrived against the hub's sha256 (huggingface_hub checks sizes only), check the GGUF header, and
+only then move the files into the model cache with the manifest written last.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from ggufchat.errors import DownloadError, GgufchatError
+from ggufchat.models.catalog import CATALOG, ModelRef, parse_spec, pick_files
+from ggufchat.models.gguf import read_gguf
+from ggufchat.models.store import CachedModel, FileRecord, Manifest, Store, sha256_file, slug
+from ggufchat.settings import Settings
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MS_ENDPOINT = "https://www.modelscope.cn"
+_DISK_MARGIN = 64 << 20
+
+
+@dataclass
+class RemoteFile:
+    name: str
+    size: int
+    sha256: str | None
+
+
+class _NotThere(DownloadError):
+    """Not found on this hub (another hub may have it)."""
+
+
+def free_bytes(path: Path) -> int:
+    path.mkdir(parents=True, exist_ok=True)
+    return shutil.disk_usage(path).free
+
+
+# ---------------------------------------------------------------- Hugging Face
+def _hf_call(fn: Callable, what: str):
+    from huggingface_hub import errors as hf_errors
+
+    try:
+        return fn()
+    except hf_errors.RevisionNotFoundError as exc:
+        raise _NotThere(f"{what}: no such revision on Hugging Face") from exc
+    except (hf_errors.RepositoryNotFoundError, hf_errors.HfHubHTTPError) as exc:
+        status = getattr(getattr(exc, "response", None), "status_code", None)
+        if status in (401, 403):
+            raise DownloadError(f"{what}: Hugging Face refused access ({status})",
+                                hint="Set HF_TOKEN or pass --token-file with a token that can read this repo.") from exc
+        if isinstance(exc, hf_errors.RepositoryNotFoundError) or status == 404:
+            raise _NotThere(f"{what}: not found on Hugging Face") from exc
+        raise DownloadError(f"{what}: Hugging Face answered {status}: {exc}") from exc
+    except OSError as exc:  # network errors (httpx's are OSErrors too), or a consistency check failure
+        raise _NotThere(f"{what}: cannot download from Hugging Face ({type(exc).__name__}: {exc})") from exc
+    except Exception as exc:
+        if "ConnectError" in type(exc).__name__ or "Timeout" in type(exc).__name__:
+            raise _NotThere(f"{what}: cannot reach Hugging Face ({exc})") from exc
+        raise
+
+
+def _hf_list(repo: str, revision: str, token: str | None, endpoint: str | None) -> list[RemoteFile]:
+    from huggingface_hub import HfApi
+
+    api = HfApi(endpoint=endpoint, token=token)
+    info = _hf_call(lambda: api.model_info(repo, revision=revision, files_metadata=True), f"hf://{repo}")
+    return [RemoteFile(s.rfilename, s.size or 0, s.lfs.sha256 if s.lfs else None) for s in info.siblings or []]
+
+
+def _hf_fetch(repo: str, name: str, revision: str, token: str | None, endpoint: str | None, staging: Path) -> Path:
+    from huggingface_hub import hf_hub_download
+
+    return Path(_hf_call(lambda: hf_hub_download(repo, name, revision=revision, endpoint=endpoint, token=token,
+                                                 local_dir=staging), f"hf://{repo}/{name}"))
+
+
+# ---------------------------------------------------------------- ModelScope
+def _ms_prepare(settings: Settings) -> None:
+    # modelscope writes a session file under MODELSCOPE_HOME on first use; keep it inside our cache.
+    os.environ.setdefault("MODELSCOPE_HOME", str(settings.home / "modelscope"))
+
+
+def _ms_call(fn: Callable, what: str):
+    import requests
+    from modelscope_hub import errors as ms_errors
+
+    try:
+        return fn()
+    except (ms_errors.NotExistError, ms_errors.NotFoundError) as exc:
+        raise _NotThere(f"{what}: not found on ModelScope") from exc
+    except (ms_errors.AuthenticationError, ms_errors.PermissionDeniedError) as exc:
+        raise DownloadError(f"{what}: ModelScope refused access",
+                            hint="Set MODELSCOPE_API_TOKEN or pass --token-file.") from exc
+    except ms_errors.FileIntegrityError as exc:
+        raise DownloadError(f"{what}: the file from ModelScope failed its checksum") from exc
+    except requests.HTTPError as exc:
+        status = getattr(exc.response, "status_code", None)
+        if status in (401, 403):
+            raise DownloadError(f"{what}: ModelScope refused access ({status})",
+                                hint="Set MODELSCOPE_API_TOKEN or pass --token-file.") from exc
+        if status == 404:
+            raise _NotThere(f"{what}: not found on ModelScope") from exc
+        raise DownloadError(f"{what}: ModelScope answered {status}") from exc
+    except OSError as exc:
+        raise _NotThere(f"{what}: cannot reach ModelScope ({type(exc).__name__}: {exc})") from exc
+
+
+def _ms_list(repo: str, revision: str, token: str | None, endpoint: str) -> list[RemoteFile]:
+    import modelscope_hub
+
+    api = modelscope_hub.HubApi(endpoint=endpoint, token=token)
+    files = _ms_call(lambda: api.list_repo_files(repo, "model", revision=revision), f"ms://{repo}")
+    return [RemoteFile(f.path, f.size or 0, f.sha256 or None) for f in files if not f.is_dir]
+
+
+def _ms_fetch(repo: str, name: str, revision: str, token: str | None, endpoint: str, staging: Path) -> Path:
+    from modelscope.hub.file_download import model_file_download
+
+    return Path(_ms_call(lambda: model_file_download(repo, name, revision=revision, endpoint=endpoint,
+                                                     local_dir=str(staging), token=token), f"ms://{repo}/{name}"))
+
+
+# ---------------------------------------------------------------- the verb
+def _sources(ref: ModelRef, source: str) -> list[tuple[str, str]]:
+    """(hub, repo) pairs to try, in order."""
+    if ref.kind in ("hf", "ms"):
+        if source not in ("auto", ref.kind):
+            raise DownloadError(f"{ref.display} names a {ref.kind} repo; --source {source} contradicts it")
+        return [(ref.kind, ref.repo)]
+    entry = CATALOG[ref.repo]
+    pairs = [("hf", entry.hf_repo)] + ([("ms", entry.ms_repo)] if entry.ms_repo else [])
+    if source != "auto":
+        pairs = [p for p in pairs if p[0] == source]
+        if not pairs:
+            raise DownloadError(f"{ref.repo} has no {source} repo in the catalog")
+    return pairs
+
+
+def download(spec: str, settings: Settings, *, source: str = "auto", revision: str | None = None,
+             token: str | None = None, report: Callable[[str], None] = lambda _: None) -> CachedModel:
+    """Download a model into the cache (or return it if it is there already)."""
+    if source not in ("auto", "hf", "ms"):
+        raise DownloadError(f"--source must be hf, ms or auto, not {source!r}")
+    ref = parse_spec(spec)
+    if ref.kind == "url":
+        raise DownloadError("downloading from a plain URL is not supported yet",
+                            hint="Use hf://OWNER/REPO/FILE or ms://OWNER/REPO/FILE, or download it and pass the path.")
+    name = ref.display
+    store = Store(settings.home)
+    cached = store.find(name)
+    if cached is not None:
+        report(f"{name} is already downloaded: {cached.path}")
+        return cached
+    if settings.offline:
+        raise DownloadError(f"{name} is not in the cache and GGUFCHAT_OFFLINE is set",
+                            hint="Unset GGUFCHAT_OFFLINE (or drop --offline) to download it.")
+    failures = []
+    for hub, repo in _sources(ref, source):
+        try:
+            return _download_from(hub, repo, ref, name, settings, store, revision, token, report)
+        except _NotThere as exc:
+            failures.append(str(exc))
+            report(f"{exc}")
+    raise DownloadError("; ".join(failures))
+
+
+def _download_from(hub: str, repo: str, ref: ModelRef, name: str, settings: Settings, store: Store,
+                   revision: str | None, token: str | None, report: Callable[[str], None]) -> CachedModel:
+    if hub == "hf":
+        rev = revision or "main"
+        listing = _hf_list(repo, rev, token, settings.hf_endpoint)
+    else:
+        _ms_prepare(settings)
+        rev = revision or "master"
+        endpoint = settings.ms_endpoint or os.environ.get("MODELSCOPE_ENDPOINT") or DEFAULT_MS_ENDPOINT
+        listing = _ms_list(repo, rev, token, endpoint)
+    by_name = {f.name: f for f in listing}
+    where = f"{hub}://{repo}"
+    if ref.filename:
+        if ref.filename not in by_name:
+            raise _NotThere(f"{where} has no file {ref.filename}")
+        names = [ref.filename]
+    else:
+        try:
+            names = pick_files(list(by_name), ref.quant, where)
+        except GgufchatError as exc:
+            raise DownloadError(str(exc), hint=exc.hint) from exc
+    files = [by_name[n] for n in names]
+    need = sum(f.size for f in files)
+    free = free_bytes(settings.home)
+    if need + _DISK_MARGIN > free:
+        raise DownloadError(f"{name} needs {need / 2**30:.2f} GiB but {settings.home} has {free / 2**30:.2f} GiB free",
+                            hint="Free some space, or point GGUFCHAT_HOME at a bigger disk.")
+    staging = store.downloads_dir / hub / slug(f"{repo}@{rev}")
+    staging.mkdir(parents=True, exist_ok=True)
+    report(f"downloading {', '.join(names)} ({need / 2**20:.1f} MiB) from {where}")
+    staged: dict[str, Path] = {}
+    for f in files:
+        if hub == "hf":
+            path = _hf_fetch(repo, f.name, rev, token, settings.hf_endpoint, staging)
+        else:
+            path = _ms_fetch(repo, f.name, rev, token, endpoint, staging)
+        staged[f.name] = path
+        if f.sha256:
+            got = sha256_file(path)
+            if got != f.sha256:
+                path.unlink(missing_ok=True)
+                raise DownloadError(f"{f.name} from {where} failed its checksum (sha256 {got[:12]}..., "
+                                    f"the hub says {f.sha256[:12]}...); the file was deleted",
+                                    hint="Run the download again; if it keeps failing the hub copy is broken.")
+    read_gguf(staged[names[0]])  # a complete GGUF, or InvalidModelFile
+    manifest = Manifest(name, hub, repo, rev, [FileRecord(f.name, f.size or staged[f.name].stat().st_size, f.sha256)
+                                               for f in files], verified=all(f.sha256 for f in files))
+    model = store.install(manifest, staged)
+    shutil.rmtree(staging, ignore_errors=True)
+    report(f"saved {name}: {model.path}")
+    return model
