@@ -144,8 +144,34 @@ def download_model(
     print(model.path)
 
 
+def quantize_model(
+    source: Annotated[Path, typer.Argument(metavar="IN.gguf", help="Model to quantize.", show_default=False)],
+    dest: Annotated[Path, typer.Argument(metavar="OUT.gguf", help="File to write.", show_default=False)],
+    qtype: Annotated[str, typer.Argument(metavar="TYPE", help="Quant type: q4_k_m, q5_k_m, q8_0, q4_0, ...",
+                                         show_default=False)],
+    threads: Annotated[int, typer.Option("-t", "--threads", help="CPU threads (0 = one per core).")] = 0,
+) -> None:
+    """Quantize a GGUF model with llama.cpp's quantizer."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from ggufchat.engine.quantize import check_args, quantize
+
+    check_args(source, dest, qtype)
+    with Progress(TextColumn("quantizing to " + qtype.lower()), BarColumn(), MofNCompleteColumn(),
+                  TextColumn("tensors"), TimeElapsedColumn(), console=Console(stderr=True)) as bar:
+        task = bar.add_task("quantize", total=None)
+
+        def progress(done: int, total: int) -> None:
+            bar.update(task, completed=done, total=total)
+
+        out = quantize(source, dest, qtype, threads=threads, progress=progress)
+    print(f"{out} ({_human(out.stat().st_size)}, was {_human(source.stat().st_size)})")
+
+
 def register(app: typer.Typer) -> None:
     app.command("download")(download_model)
+    app.command("quantize")(quantize_model)
     app.command("list")(list_models)
     app.command("show")(show)
     app.command("rm")(rm)

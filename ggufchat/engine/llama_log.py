@@ -21,6 +21,7 @@ _recent: collections.deque[str] = collections.deque(maxlen=16)
 _lock = threading.Lock()
 _last_level = logging.DEBUG
 _installed = False
+_listeners: list = []  # callables taking each log line, e.g. a progress bar during quantize
 
 
 @llama_cpp.llama_log_callback
@@ -35,6 +36,8 @@ def _callback(level: int, text: bytes, _user: ctypes.c_void_p) -> None:
     if py_level >= logging.WARNING:
         with _lock:
             _recent.append(line.strip())
+    for listener in list(_listeners):
+        listener(line)
     logger.log(py_level, line)
 
 
@@ -43,6 +46,15 @@ def install() -> None:
     if not _installed:
         llama_cpp.llama_log_set(_callback, ctypes.c_void_p(0))
         _installed = True
+
+
+def add_listener(fn) -> None:
+    _listeners.append(fn)
+
+
+def remove_listener(fn) -> None:
+    if fn in _listeners:
+        _listeners.remove(fn)
 
 
 def take_recent() -> list[str]:
