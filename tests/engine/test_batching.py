@@ -168,3 +168,27 @@ def test_bad_requests_are_refused(engine: Engine, bad: dict):
         setattr(request, key, value)
     with pytest.raises(InvalidParameter):
         engine.submit(request)
+
+
+def test_async_streams_match_sync_and_cancel(fresh: Engine):
+    import asyncio
+
+    prompts = [chat(fresh, p) for p in PROMPTS[:3]]
+    expected = [fresh.submit(greedy(p, 24)).tokens() for p in prompts]
+
+    async def main():
+        streams = [fresh.submit_async(greedy(p, 24)) for p in prompts]
+
+        async def collect(s):
+            return [t async for e in s if isinstance(e, Delta) for t in e.token_ids]
+
+        got = await asyncio.gather(*(collect(s) for s in streams))
+        doomed = fresh.submit_async(greedy(prompts[0], 200))
+        async for event in doomed:
+            if isinstance(event, Delta):
+                doomed.cancel()
+        return got, doomed.finish.reason
+
+    got, reason = asyncio.run(main())
+    assert got == expected
+    assert reason == "cancelled"
