@@ -12,7 +12,7 @@ from pathlib import Path
 
 import llama_cpp
 
-from ggufchat.engine.loader import _init_backend
+from ggufchat.engine.loader import init_backend
 
 _TYPES = {0: "cpu", 1: "gpu", 2: "igpu", 3: "accel"}
 
@@ -45,7 +45,7 @@ def _libs() -> tuple[ctypes.CDLL, ctypes.CDLL]:
 
 
 def list_devices() -> list[Device]:
-    _init_backend()
+    init_backend()
     base, reg = _libs()
     out = []
     for i in range(reg.ggml_backend_dev_count()):
@@ -63,7 +63,7 @@ def list_devices() -> list[Device]:
 
 
 def system_info() -> dict[str, object]:
-    _init_backend()
+    init_backend()
     return {
         "system_info": llama_cpp.llama_print_system_info().decode().strip(" |"),
         "gpu_offload": bool(llama_cpp.llama_supports_gpu_offload()),

@@ -136,7 +136,8 @@ def parse_tensor_split(text: str | None) -> list[float]:
 _backend_ready = False
 
 
-def _init_backend() -> None:
+def init_backend() -> None:
+    """Once per process: route llama.cpp's log to Python logging, then initialise its backends."""
     global _backend_ready
     if not _backend_ready:
         llama_log.install()
@@ -155,7 +156,7 @@ class LoadedModel:
             raise ModelNotFound(f"no model file at {self.path}")
         # Parse the header ourselves first: llama.cpp aborts the process on some malformed files.
         self.info: GGUFInfo = read_gguf(self.path)
-        _init_backend()
+        init_backend()
         llama_log.take_recent()
         self._tensor_split = None
         self.model = self._load_model()

@@ -10,7 +10,7 @@ from pathlib import Path
 import llama_cpp
 
 from ggufchat.engine import llama_log
-from ggufchat.engine.loader import _init_backend, default_threads
+from ggufchat.engine.loader import default_threads, init_backend
 from ggufchat.errors import InvalidParameter, ModelLoadError
 from ggufchat.models.gguf import read_gguf
 
@@ -47,7 +47,7 @@ def quantize(src: Path, dst: Path, qtype: str, *, threads: int = 0,
         if m and progress is not None:
             progress(int(m.group(1)), int(m.group(2)))
 
-    _init_backend()
+    init_backend()
     llama_log.take_recent()
     llama_log.add_listener(on_line)
     try:
