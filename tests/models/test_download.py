@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
-from ggufchat.errors import DownloadError, InvalidModelFile
+from ggufchat.errors import DownloadError
 from ggufchat.models import hub as hubmod
 from ggufchat.models.hub import download
 from ggufchat.models.store import Store
 from ggufchat.settings import Settings
 from tests.conftest import run_cli
+from tests.gguf_split import split_gguf
 from tests.hubserver import FakeHub
 
 HF_REPO = "Qwen/Qwen2-7B-Instruct-GGUF"  # the catalog's repos for qwen2-7b-instruct
@@ -80,18 +83,25 @@ def test_explicit_repo_and_file(tmp_path, hub):
         download(f"hf://{HF_REPO}:q5_k_m", s)
 
 
-def test_split_files_are_all_fetched(tmp_path, hub, gguf):
-    half = len(gguf) // 2
-    hub.add_file("org/split-GGUF", "m-q4_1-00001-of-00002.gguf", gguf[:half])
-    hub.add_file("org/split-GGUF", "m-q4_1-00002-of-00002.gguf", gguf[half:])
+def test_split_files_are_all_fetched_and_load_as_one_model(tmp_path, hub, model_path):
+    for part in split_gguf(model_path, tmp_path, "m-q4_1", 3):
+        hub.add_file("org/split-GGUF", part.name, part.read_bytes())
+    hub.add_file("org/split-GGUF", "m-q8_0.gguf", b"GGUF")
     s = settings(tmp_path, hub)
-    # The parts are not a real split GGUF (that needs llama-gguf-split), so the header check of part 1
-    # refuses it after both parts arrived; what matters here is that both were fetched.
-    with pytest.raises(InvalidModelFile):
-        download("hf://org/split-GGUF:q4_1", s)
-    fetched = [p for m, p, _ in hub.requests if m == "GET" and "/resolve/" in p]
-    assert any("00001-of-00002" in p for p in fetched) and any("00002-of-00002" in p for p in fetched)
-    assert Store(s.home).models() == []
+    model = download("hf://org/split-GGUF:q4_1", s)
+    assert [f.name for f in model.manifest.files] == [f"m-q4_1-0000{i}-of-00003.gguf" for i in (1, 2, 3)]
+    assert model.path.name == "m-q4_1-00001-of-00003.gguf"
+    env = {"GGUFCHAT_HOME": str(s.home)}
+    # Loading the first part loads the model: the same greedy answer as the unsplit file.
+    split = run_cli("chat", "hf://org/split-GGUF:q4_1", "-p", "What is 2+2?", "-n", "16", "--temp", "0", env=env)
+    whole = run_cli("chat", str(model_path), "-p", "What is 2+2?", "-n", "16", "--temp", "0", env=env)
+    assert split.returncode == 0, split.stderr
+    assert split.stdout == whole.stdout and split.stdout.strip()
+    # `list` adds the parts up.
+    rows = [json.loads(line) for line in run_cli("list", "--json", env=env).stdout.splitlines()]
+    row = next(r for r in rows if r["name"] == "hf://org/split-GGUF:q4_1")
+    assert row["size_bytes"] == model.size
+    assert row["parameters"] == next(r for r in rows if r["source"] == "embedded")["parameters"]
 
 
 def test_resume_after_the_connection_is_cut(tmp_path, hub, monkeypatch):
