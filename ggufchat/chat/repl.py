@@ -90,9 +90,9 @@ def stream_tokens(engine: Engine, tokens: list[int], cfg: ChatConfig,
     return "".join(parts), ids, stream.finish
 
 
-def one_shot(engine: Engine, prompt: str, cfg: ChatConfig, out: TextIO = sys.stdout,
-             err: TextIO = sys.stderr) -> Finish:
-    convo = TemplateConversation(engine, cfg.system)
+def one_shot(engine: Engine, prompt: str, cfg: ChatConfig, *, convo: Conversation | None = None,
+             out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> Finish:
+    convo = convo or TemplateConversation(engine, cfg.system)
     convo.add_user(prompt)
     text, _, finish = stream_tokens(engine, convo.prompt_tokens(), cfg, out)
     if text and not text.endswith("\n"):

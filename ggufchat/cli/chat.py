@@ -9,8 +9,8 @@ from typing import Annotated
 
 import typer
 
-from ggufchat.chat.conversation import RawConversation, process_escapes
-from ggufchat.chat.repl import ChatConfig, one_shot, run_repl, stream_tokens
+from ggufchat.chat.conversation import RawConversation, TemplateConversation, process_escapes
+from ggufchat.chat.repl import ChatConfig, one_shot, run_repl
 from ggufchat.cli import options as o
 from ggufchat.engine import Engine
 from ggufchat.errors import InvalidParameter
@@ -133,26 +133,18 @@ def chat(
     )
     with Engine(load, chat_template=chat_template, chat_template_file=chat_template_file) as engine:
         _announce(engine)
-        if not raw:
-            if prompt is not None:
-                one_shot(engine, prompt, cfg)
-                return
-            print("Type a message; /help for commands, Ctrl-D to leave.", file=sys.stderr)
-            _enable_line_editing()
-            run_repl(engine, cfg)
-            return
-        convo = RawConversation(engine, system or "", process_escapes(in_prefix or ""),
-                                process_escapes(in_suffix or ""))
+        convo = (RawConversation(engine, system or "", process_escapes(in_prefix or ""),
+                                 process_escapes(in_suffix or "")) if raw else TemplateConversation(engine, system))
         if prompt is not None:
-            convo.add_user(prompt)
-            text, _, finish = stream_tokens(engine, convo.prompt_tokens(), cfg, sys.stdout)
-            print()
-            if finish.error is not None:
-                raise finish.error
+            one_shot(engine, prompt, cfg, convo=convo)
+            return
+        _enable_line_editing()
+        if not raw:
+            print("Type a message; /help for commands, Ctrl-D to leave.", file=sys.stderr)
+            run_repl(engine, cfg, convo=convo)
             return
         print("Raw mode: your text goes between --in-prefix and --in-suffix; /help for commands.",
               file=sys.stderr)
-        _enable_line_editing()
         # Like llama-cli: without -if the model first continues the initial prompt.
         run_repl(engine, cfg, convo=convo, generate_first=not interactive_first and bool(convo.system))
 
