@@ -68,3 +68,20 @@ class EngineStopped(GgufchatError):
 
 class DecodeError(GgufchatError):
     """llama_decode returned a fatal status."""
+
+
+class QueueFull(GgufchatError):
+    """Every sequence is busy and the wait queue is full."""
+
+    def __init__(self, message: str, *, retry_after: int) -> None:
+        super().__init__(message, hint=f"Retry after {retry_after} s, or start the server with more -np / "
+                                       "--max-queue.")
+        self.retry_after = retry_after
+
+
+class RequestTimeout(GgufchatError):
+    """A request ran past the server's --timeout."""
+
+
+class Unsupported(InvalidParameter):
+    """A request asks for something this server does not do (rather than silently ignoring it)."""

@@ -42,9 +42,9 @@ def _root(
 
 def _register() -> None:
     # Imported here so `ggufchat --help` does not pay for every verb's imports twice.
-    from ggufchat.cli import bench, chat, doctor, models
+    from ggufchat.cli import bench, chat, doctor, models, serve
 
-    for module in (chat, models, bench, doctor):
+    for module in (chat, serve, models, bench, doctor):
         module.register(app)
 
 

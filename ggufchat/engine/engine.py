@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from ggufchat.engine.loader import LoadedModel, LoadOptions
+from ggufchat.engine.sampling import check_grammar
 from ggufchat.engine.scheduler import Scheduler, Sequence
 from ggufchat.engine.templates import ChatTemplate, Segment
 from ggufchat.engine.tokens import Tokenizer
@@ -180,6 +181,8 @@ class Engine:
         if request.max_tokens is not None and request.max_tokens < 1:
             raise InvalidParameter("max_tokens must be at least 1", param="max_tokens")
         request.sampling.validate()
+        if request.sampling.grammar is not None:
+            check_grammar(self.model.vocab, request.sampling.grammar)
         bad = [t for t in request.prompt_tokens if not 0 <= t < self.tokenizer.n_vocab]
         if bad:
             raise InvalidParameter(f"token id {bad[0]} is outside the vocabulary", param="prompt")

@@ -24,6 +24,7 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     presence_penalty: float = 0.0
     seed: int | None = None  # None = the engine's --seed, else random
+    grammar: str | None = None  # GBNF the output must match (root rule "root"), e.g. from a JSON schema
 
     @classmethod
     def greedy(cls) -> SamplingParams:
@@ -44,6 +45,10 @@ class SamplingParams:
         for ok, name, rule in checks:
             if not ok:
                 raise InvalidParameter(f"{name} must be {rule}, not {getattr(self, name)!r}", param=name)
+
+    @property
+    def needs_chain(self) -> bool:
+        return self.temperature > 0 or self.has_penalties or self.grammar is not None
 
     @property
     def has_penalties(self) -> bool:
@@ -97,16 +102,31 @@ class ArgmaxSampler(Sampler):
 
 
 def make_sampler(params: SamplingParams, *, n_vocab: int, n_ctx_seq: int, default_seed: int | None,
-                 banned_tokens: list[int] | None = None) -> Sampler:
-    if params.temperature <= 0 and not params.has_penalties:
+                 banned_tokens: list[int] | None = None, vocab=None, history: list[int] | None = None) -> Sampler:
+    """`history`: tokens already in the sequence (the prompt), which the penalties look back on."""
+    if not params.needs_chain:
         return ArgmaxSampler(n_vocab, banned_tokens)
     return ChainSampler(build_chain(params, n_vocab=n_vocab, n_ctx_seq=n_ctx_seq, default_seed=default_seed,
-                                    banned_tokens=banned_tokens))
+                                    banned_tokens=banned_tokens, vocab=vocab, history=history))
+
+
+def grammar_sampler(vocab, grammar: str):
+    """A llama.cpp grammar sampler, or InvalidParameter when llama.cpp cannot parse the grammar."""
+    smpl = llama_cpp.llama_sampler_init_grammar(vocab, grammar.encode(), b"root")
+    if not smpl:
+        raise InvalidParameter("the grammar could not be parsed", param="response_format")
+    return smpl
+
+
+def check_grammar(vocab, grammar: str) -> None:
+    llama_cpp.llama_sampler_free(grammar_sampler(vocab, grammar))
 
 
 def build_chain(params: SamplingParams, *, n_vocab: int, n_ctx_seq: int, default_seed: int | None,
-                banned_tokens: list[int] | None = None) -> ctypes.c_void_p:
-    """A sampler chain in llama.cpp's default order: bias, penalties, top-k, top-p, min-p, temp, dist.
+                banned_tokens: list[int] | None = None, vocab=None,
+                history: list[int] | None = None) -> ctypes.c_void_p:
+    """A sampler chain in llama.cpp's default order: bias, penalties, grammar, top-k, top-p, min-p, temp,
+    dist.
 
     The caller owns the result and frees it with llama_sampler_free.
     """
@@ -122,6 +142,12 @@ def build_chain(params: SamplingParams, *, n_vocab: int, n_ctx_seq: int, default
         last_n = n_ctx_seq if params.repeat_last_n == -1 else params.repeat_last_n
         add(chain, llama_cpp.llama_sampler_init_penalties(
             n_vocab, last_n, params.repeat_penalty, params.frequency_penalty, params.presence_penalty))
+        # The prompt counts for the penalties, and only for them: the samplers added after this line
+        # (the grammar above all) must see generated tokens only.
+        for tok in history or ():
+            llama_cpp.llama_sampler_accept(chain, tok)
+    if params.grammar is not None:
+        add(chain, grammar_sampler(vocab, params.grammar))
     if params.temperature <= 0:
         add(chain, llama_cpp.llama_sampler_init_greedy())
         return chain

@@ -216,10 +216,9 @@ class Scheduler:
             n_ctx_seq=self.n_ctx_seq,
             default_seed=self.default_seed,
             banned_tokens=sorted(self._eog) if req.ignore_eos else None,
+            vocab=self.model.vocab,
+            history=prompt,
         )
-        if req.sampling.has_penalties:
-            for tok in prompt:
-                seq.sampler.accept(tok)
         seq.detok = Detokenizer(self.tokenizer)
         seq.stops = StopMatcher(req.stop)
         self._active.append(seq)

@@ -1,0 +1,174 @@
+"""`ggufchat serve`: the OpenAI API, the seeds' simple APIs, health and metrics over HTTP."""
+
+from __future__ import annotations
+
+import logging
+import socket
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from ggufchat.cli import options as o
+from ggufchat.errors import InvalidParameter
+
+_SERVER = "Server"
+
+
+def _env(name: str) -> dict:
+    return {"envvar": f"GGUFCHAT_{name}", "show_envvar": True, "rich_help_panel": _SERVER}
+
+
+def serve(
+    model_arg: o.ModelArg = None,
+    model: o.ModelOpt = None,
+    pull: o.Pull = False,
+    host: Annotated[str, typer.Option("--host", help="Address to listen on (0.0.0.0 exposes the server to "
+                                      "your network: set an API key).", **_env("HOST"))] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", help="Port (0 = any free port).", **_env("PORT"))] = 6006,
+    parallel: Annotated[int, typer.Option("-np", "--parallel", help="Sequences decoded together (continuous "
+                                          "batching); more requests wait in the queue.",
+                                          **_env("PARALLEL"))] = 4,
+    api_key: Annotated[str | None, typer.Option("--api-key", help="Require `Authorization: Bearer KEY` on every "
+                                                   "route but /health.", **_env("API_KEY"))] = None,
+    api_key_file: Annotated[Path | None, typer.Option("--api-key-file", help="Read API keys from FILE, one per "
+                                                         "line.", **_env("API_KEY_FILE"))] = None,
+    cors_origin: Annotated[list[str] | None, typer.Option("--cors-origin", help="Allow browser requests from "
+                                                             "this origin (repeatable; env: space-separated).",
+                                                             **_env("CORS_ORIGINS"))] = None,
+    max_queue: Annotated[int, typer.Option("--max-queue", help="Requests that may wait for a free sequence; "
+                                           "beyond that the server answers 429.", **_env("MAX_QUEUE"))] = 64,
+    timeout: Annotated[float, typer.Option("--timeout", help="Seconds a request may take (0 = no limit).",
+                                           **_env("TIMEOUT"))] = 600,
+    idle_unload: Annotated[float, typer.Option("--idle-unload", help="Free the model after this many seconds "
+                                               "without requests; the next request reloads it (0 = never).",
+                                               **_env("IDLE_UNLOAD"))] = 0,
+    max_body: Annotated[int, typer.Option("--max-body", help="Largest request body in bytes.",
+                                          **_env("MAX_BODY"))] = 4 << 20,
+    alias: Annotated[str | None, typer.Option("--alias", help="Model id reported by /v1/models (default: "
+                                                 "the MODEL you named, or the file name).",
+                                                 **_env("ALIAS"))] = None,
+    verbose: Annotated[bool, typer.Option("-v", "--verbose", help="Show llama.cpp's log.",
+                                          rich_help_panel=_SERVER)] = False,
+    n_gpu_layers: o.GpuLayers = "auto",
+    flash_attn: o.FlashAttn = "auto",
+    ctx_size: o.CtxSize = 0,
+    threads: o.Threads = 0,
+    batch_size: o.BatchSize = 2048,
+    ubatch_size: o.UBatchSize = 512,
+    cache_type_k: o.CacheTypeK = "f16",
+    cache_type_v: o.CacheTypeV = "f16",
+    split_mode: o.SplitMode = "layer",
+    tensor_split: o.TensorSplit = None,
+    main_gpu: o.MainGpu = 0,
+    chat_template: o.ChatTemplateName = None,
+    chat_template_file: o.ChatTemplateFile = None,
+    seed: o.Seed = None,
+) -> None:
+    """Serve a model over HTTP: OpenAI API (/v1), POST / and /chat, /health, /metrics, /docs."""
+    from ggufchat.cli.main import setup_logging
+
+    setup_logging(verbose=verbose)
+    for name in ("ggufchat.server", "uvicorn", "uvicorn.error", "uvicorn.access"):
+        logging.getLogger(name).setLevel(logging.INFO)
+    if parallel < 1:
+        raise InvalidParameter("-np/--parallel must be at least 1", param="parallel")
+    if max_queue < 0 or timeout < 0 or idle_unload < 0 or max_body < 1:
+        raise InvalidParameter("--max-queue, --timeout and --idle-unload must be >= 0, --max-body positive")
+    spec = o.pick_model(model_arg, model)
+    load = o.load_options(
+        model=spec, n_gpu_layers=n_gpu_layers, flash_attn=flash_attn, ctx_size=ctx_size, threads=threads,
+        batch_size=batch_size, ubatch_size=ubatch_size, cache_type_k=cache_type_k, cache_type_v=cache_type_v,
+        split_mode=split_mode, tensor_split=tensor_split, main_gpu=main_gpu, seed=seed, n_seq_max=parallel,
+        pull=pull,
+    )
+    # A file that is not a GGUF fails here, before the port is taken.
+    from ggufchat.models.gguf import read_gguf
+
+    read_gguf(load.model_path)
+
+    from ggufchat.server.lifecycle import ServerConfig
+
+    config = ServerConfig(
+        model_id=alias or _model_id(spec, load.model_path),
+        n_parallel=parallel,
+        api_keys=_api_keys(api_key, api_key_file),
+        cors_origins=[origin for value in cors_origin or [] for origin in value.split()],
+        max_queue=max_queue,
+        timeout=timeout or None,
+        idle_unload=idle_unload or None,
+        max_body_bytes=max_body,
+    )
+    if host not in ("127.0.0.1", "localhost", "::1") and not config.api_keys:
+        print(f"ggufchat: warning: listening on {host} without an API key: anyone who can reach this port "
+              "can use the model", file=sys.stderr)
+    _run(config, load, host, port, chat_template, chat_template_file)
+
+
+def _model_id(spec: str | None, path: Path) -> str:
+    from ggufchat.models.embedded import NAME
+
+    if spec is None or Path(spec).expanduser().is_file():
+        return NAME if spec is None else path.stem
+    return spec
+
+
+def _api_keys(api_key: str | None, api_key_file: Path | None) -> list[str]:
+    keys = [api_key] if api_key else []
+    if api_key_file is not None:
+        try:
+            text = api_key_file.read_text(encoding="utf-8")
+        except OSError as exc:
+            raise InvalidParameter(f"cannot read the API key file {api_key_file}: {exc.strerror}") from exc
+        keys += [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
+        if not keys:
+            raise InvalidParameter(f"the API key file {api_key_file} holds no key")
+    return keys
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    # Bound here rather than by uvicorn, so a taken port is one `Error:` line and the exit status 1.
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        return socket.create_server((host, port), family=family, reuse_port=False)
+    except OSError as exc:
+        raise InvalidParameter(f"cannot listen on {host}:{port}: {exc.strerror}",
+                               hint="Pick another --port, or stop what is using this one.") from exc
+
+
+def _run(config, load, host: str, port: int, chat_template, chat_template_file) -> None:
+    import uvicorn
+
+    from ggufchat.engine import Engine
+    from ggufchat.server.app import create_app
+
+    sock = _bind(host, port)
+    bound = sock.getsockname()[1]
+    fatal: list[BaseException] = []
+    server: uvicorn.Server | None = None
+
+    def on_fatal(exc: BaseException) -> None:
+        fatal.append(exc)
+        if server is not None:
+            server.should_exit = True
+
+    def factory() -> Engine:
+        return Engine(load, chat_template=chat_template, chat_template_file=chat_template_file)
+
+    app = create_app(config, factory=factory, on_fatal=on_fatal)
+    url_host = f"[{host}]" if ":" in host else host
+    print(f"ggufchat: serving {load.model_path} as {config.model_id!r} on http://{url_host}:{bound} "
+          f"(-np {config.n_parallel}; OpenAI API at /v1, docs at /docs)", file=sys.stderr, flush=True)
+    uv_config = uvicorn.Config(app, log_config=None, timeout_graceful_shutdown=5, server_header=False)
+    server = uvicorn.Server(uv_config)
+    try:
+        server.run(sockets=[sock])
+    finally:
+        sock.close()
+    if fatal:
+        raise fatal[0]
+
+
+def register(app: typer.Typer) -> None:
+    app.command("serve")(serve)

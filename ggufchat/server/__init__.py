@@ -1,0 +1,1 @@
+"""`ggufchat serve`: the HTTP server over the engine."""

@@ -1,0 +1,59 @@
+"""create_app: the FastAPI app for one model. The engine (or a factory that loads it) comes in as an
+argument and lives on app.state; nothing is global, so tests build as many apps as they like."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
+
+from ggufchat import __version__
+from ggufchat.engine import Engine
+from ggufchat.server import errors
+from ggufchat.server.lifecycle import ModelHolder, ServerConfig
+from ggufchat.server.metrics import Metrics
+from ggufchat.server.middleware import ApiKeyAuth, BodyLimit, RequestMetrics
+from ggufchat.server.routes import openai, simple, system
+from ggufchat.server.state import ServerState
+
+# Reachable without the API key: load balancers probe it.
+PUBLIC_PATHS = {"/health"}
+
+
+def create_app(config: ServerConfig, *, engine: Engine | None = None, factory: Callable[[], Engine] | None = None,
+               on_fatal: Callable[[BaseException], None] | None = None) -> FastAPI:
+    """`engine`: serve this engine (the caller closes it). `factory`: load one in the background at
+    startup, and again after an idle unload (the app closes it)."""
+    metrics = Metrics()
+    holder = ModelHolder(config, metrics, engine=engine, factory=factory, on_fatal=on_fatal)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        await holder.start()
+        try:
+            yield
+        finally:
+            await holder.stop()
+
+    app = FastAPI(title="ggufchat", version=__version__, lifespan=lifespan,
+                  description="OpenAI-compatible API, the seeds' simple APIs, health and metrics for one "
+                              "GGUF model.")
+    app.state.server = ServerState(config, holder, metrics)
+    errors.install(app)
+    routers = (openai.router, simple.router, system.router)
+    for router in routers:
+        app.include_router(router)
+
+    # add_middleware wraps: the last added is the outermost.
+    if config.api_keys:
+        app.add_middleware(ApiKeyAuth, keys=config.api_keys, exempt=PUBLIC_PATHS)
+    app.add_middleware(BodyLimit, limit=config.max_body_bytes)
+    if config.cors_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=config.cors_origins, allow_methods=["GET", "POST"],
+                           allow_headers=["Authorization", "Content-Type"], expose_headers=["Retry-After"],
+                           max_age=600)
+    routes = {getattr(r, "path", "") for r in [*app.routes, *(r for router in routers for r in router.routes)]}
+    app.add_middleware(RequestMetrics, metrics=metrics, routes=routes)
+    return app

@@ -1,0 +1,160 @@
+"""One API request's sequences in the engine: submit, merge their events, enforce the timeout, cancel
+on disconnect, and record metrics. Routes only translate; this is where requests and the engine meet.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+
+from starlette.requests import Request
+
+from ggufchat.engine.engine import AsyncStream
+from ggufchat.engine.types import Delta, Event, Finish, GenerationRequest
+from ggufchat.errors import RequestTimeout
+from ggufchat.server.convert import Choice
+from ggufchat.server.lifecycle import Lease, ModelHolder
+from ggufchat.server.metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+
+class Generation:
+    def __init__(self, holder: ModelHolder, lease: Lease, requests: list[GenerationRequest],
+                 http_request: Request | None = None) -> None:
+        self.holder = holder
+        self.metrics: Metrics = holder.metrics
+        self.lease = lease
+        self.requests = requests
+        self.http_request = http_request
+        self.t_arrival = time.perf_counter()
+        self.streams: list[AsyncStream] = []
+        self.finishes: list[Finish | None] = [None] * len(requests)
+        self.why_cancelled: str | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._watcher: asyncio.Task | None = None
+        self._closed = False
+
+    @classmethod
+    async def start(cls, holder: ModelHolder, lease: Lease, requests: list[GenerationRequest],
+                    http_request: Request | None = None, *, watch_disconnect: bool = False) -> Generation:
+        gen = cls(holder, lease, requests, http_request)
+        try:
+            for req in requests:
+                gen.streams.append(lease.engine.submit_async(req))
+        except BaseException:
+            gen.close()
+            raise
+        timeout = holder.config.timeout
+        if timeout:
+            gen._timer = asyncio.get_running_loop().call_later(timeout, gen.cancel, "timeout")
+        if watch_disconnect and http_request is not None:
+            gen._watcher = asyncio.create_task(gen._watch(http_request))
+        return gen
+
+    async def _watch(self, request: Request) -> None:
+        # The body has been read, so the next message is http.disconnect: either the client left, or
+        # the response is complete (then close() has cancelled us first).
+        while True:
+            message = await request.receive()
+            if message["type"] == "http.disconnect":
+                self.cancel("disconnect")
+                return
+
+    def cancel(self, why: str) -> None:
+        """Cancel every unfinished sequence; they end with a 'cancelled' Finish at the next step."""
+        if self.why_cancelled is not None:
+            return
+        running = [s for s, f in zip(self.streams, self.finishes, strict=False) if f is None]
+        if not running:
+            return
+        self.why_cancelled = why
+        self.metrics.cancelled.labels(why).inc(len(running))
+        for stream in running:
+            stream.cancel()
+
+    async def events(self) -> AsyncIterator[tuple[int, Event]]:
+        """(choice index, event) until every sequence has finished. Raises RequestTimeout at the end
+        when the timeout cut the sequences short."""
+        if len(self.streams) == 1:
+            source = self._single()
+        else:
+            source = self._merged()
+        last = [self.t_arrival] * len(self.streams)
+        itl = self.metrics.itl
+        async for index, event in source:
+            now = time.perf_counter()
+            if isinstance(event, Delta):
+                if last[index] != self.t_arrival:
+                    itl.observe(now - last[index])
+                last[index] = now
+            else:
+                self._record(index, event)
+            yield index, event
+        if self.why_cancelled == "timeout":
+            raise RequestTimeout(f"the request took longer than the server's --timeout of "
+                                 f"{self.holder.config.timeout:g} s")
+
+    async def _single(self) -> AsyncIterator[tuple[int, Event]]:
+        async for event in self.streams[0]:
+            yield 0, event
+
+    async def _merged(self) -> AsyncIterator[tuple[int, Event]]:
+        queue: asyncio.Queue = asyncio.Queue()
+
+        async def pump(index: int, stream: AsyncStream) -> None:
+            async for event in stream:
+                queue.put_nowait((index, event))
+
+        tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(self.streams)]
+        try:
+            remaining = len(tasks)
+            while remaining:
+                index, event = await queue.get()
+                if isinstance(event, Finish):
+                    remaining -= 1
+                yield index, event
+        finally:
+            for task in tasks:
+                task.cancel()
+
+    def _record(self, index: int, finish: Finish) -> None:
+        self.finishes[index] = finish
+        m = self.metrics
+        usage = finish.usage
+        m.finished.labels(finish.reason).inc()
+        m.generated_tokens.inc(usage.completion_tokens)
+        if index == 0:  # the n choices share one prompt
+            m.prompt_tokens.inc(usage.prompt_tokens)
+            m.cached_tokens.inc(usage.cached_tokens)
+        if usage.t_first_token:
+            m.ttft.observe(max(0.0, usage.t_first_token - self.t_arrival))
+
+    async def collect(self) -> list[Choice]:
+        """Wait for every sequence (non-streaming responses)."""
+        choices = [Choice(i) for i in range(len(self.streams))]
+        async for index, event in self.events():
+            if isinstance(event, Delta):
+                choices[index].text.append(event.text)
+            else:
+                choices[index].finish = event
+                if event.reason == "error" and event.error is not None:
+                    raise event.error
+        return choices
+
+    def close(self, why: str | None = None) -> None:
+        """Idempotent: cancel what still runs (why: 'disconnect'...), stop timers, release the lease."""
+        if self._closed:
+            return
+        self._closed = True
+        if why is not None:
+            self.cancel(why)
+        elif not all(self.finishes):
+            self.cancel("abandoned")
+        if self._timer is not None:
+            self._timer.cancel()
+        if self._watcher is not None:
+            self._watcher.cancel()
+        self.lease.release()

@@ -1,0 +1,181 @@
+"""The model's life inside the server: load in the background, admit requests, unload when idle.
+
+Every request holds a lease on the engine while it runs, so the idle timer can never free a model
+that someone is using; a request that arrives after an unload waits for the reload.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import math
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from ggufchat.engine import Engine
+from ggufchat.errors import EngineStopped, QueueFull
+from ggufchat.server.metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ServerConfig:
+    model_id: str
+    n_parallel: int = 4
+    api_keys: list[str] = field(default_factory=list)
+    cors_origins: list[str] = field(default_factory=list)
+    max_queue: int = 64  # requests waiting beyond the -np running ones
+    timeout: float | None = None  # seconds a request may take, None = no limit
+    idle_unload: float | None = None  # seconds without requests before the model is freed
+    max_body_bytes: int = 4 << 20
+
+
+class Lease:
+    """A request's hold on the engine; release() exactly once (extra calls are harmless)."""
+
+    def __init__(self, holder: ModelHolder, engine: Engine, n_seq: int) -> None:
+        self.holder = holder
+        self.engine = engine
+        self.n_seq = n_seq
+        self.t_start = time.perf_counter()
+        self._released = False
+
+    def release(self) -> None:
+        if not self._released:
+            self._released = True
+            self.holder._release(self)
+
+
+class ModelHolder:
+    """Owns the engine (when built from a factory) and decides when it is loaded."""
+
+    def __init__(self, config: ServerConfig, metrics: Metrics, *, engine: Engine | None = None,
+                 factory: Callable[[], Engine] | None = None,
+                 on_fatal: Callable[[BaseException], None] | None = None) -> None:
+        if engine is None and factory is None:
+            raise ValueError("give an engine or a factory")
+        self.config = config
+        self.metrics = metrics
+        self.engine = engine
+        self.factory = factory
+        self.on_fatal = on_fatal
+        self.state = "ready" if engine is not None else "unloaded"
+        self.error: BaseException | None = None
+        self.in_flight = 0  # sequences admitted and not finished
+        self.users = 0  # leases held: the engine may not be unloaded under them
+        self.last_used = time.monotonic()
+        self.created = int(time.time())
+        self._durations: collections.deque[float] = collections.deque(maxlen=64)
+        self._lock = asyncio.Lock()
+        self._idle_task: asyncio.Task | None = None
+        self._load_task: asyncio.Task | None = None
+        metrics.model_loaded.set(1 if engine is not None else 0)
+        metrics.watch(self._queue_depth, self._active)
+
+    def _queue_depth(self) -> float:
+        return self.engine.scheduler.queue_depth if self.engine is not None else 0
+
+    def _active(self) -> float:
+        return self.engine.scheduler.active_count if self.engine is not None else 0
+
+    # Lifespan.
+    async def start(self) -> None:
+        if self.engine is None:
+            self.state = "loading"
+            self._load_task = asyncio.create_task(self._initial_load())
+        if self.config.idle_unload and self.factory is not None:
+            self._idle_task = asyncio.create_task(self._idle_loop())
+
+    async def _initial_load(self) -> None:
+        try:
+            await self.acquire_engine()
+        except Exception as exc:
+            self.error = exc
+            self.state = "failed"
+            if self.on_fatal is not None:
+                self.on_fatal(exc)
+
+    async def stop(self) -> None:
+        for task in (self._idle_task, self._load_task):
+            if task is not None:
+                task.cancel()
+        if self.factory is not None and self.engine is not None:
+            engine, self.engine = self.engine, None
+            await asyncio.to_thread(engine.close)
+
+    # Requests.
+    def admit(self, n_seq: int) -> None:
+        """Refuse with 429 when the running sequences and the queue are full."""
+        capacity = self.config.n_parallel + self.config.max_queue
+        if self.in_flight + n_seq > capacity:
+            self.metrics.rejected.inc()
+            raise QueueFull(f"the server is busy: {self.in_flight} sequences running or queued (at most "
+                            f"{capacity})", retry_after=self._retry_after())
+
+    def _retry_after(self) -> int:
+        typical = statistics.median(self._durations) if self._durations else 1.0
+        waiting = max(0, self.in_flight - self.config.n_parallel)
+        return max(1, min(60, math.ceil(typical * (waiting / self.config.n_parallel + 1))))
+
+    async def lease(self, n_seq: int = 1) -> Lease:
+        self.admit(n_seq)
+        self.in_flight += n_seq
+        self.users += 1
+        self.last_used = time.monotonic()
+        try:
+            engine = await self.acquire_engine()
+        except BaseException:
+            self.in_flight -= n_seq
+            self.users -= 1
+            raise
+        return Lease(self, engine, n_seq)
+
+    def _release(self, lease: Lease) -> None:
+        self.in_flight -= lease.n_seq
+        self.users -= 1
+        self.last_used = time.monotonic()
+        self._durations.append(time.perf_counter() - lease.t_start)
+
+    async def acquire_engine(self) -> Engine:
+        engine = self.engine
+        if engine is not None and self.state == "ready":
+            return engine
+        async with self._lock:
+            if self.engine is None:
+                if self.factory is None:
+                    raise EngineStopped("the model is not loaded")
+                self.state = "loading"
+                t0 = time.perf_counter()
+                try:
+                    self.engine = await asyncio.to_thread(self.factory)
+                except BaseException:
+                    self.state = "unloaded"
+                    raise
+                self.metrics.model_loads.inc()
+                self.metrics.model_loaded.set(1)
+                log.info("model loaded in %.1f s", time.perf_counter() - t0)
+            self.state = "ready"
+            self.error = None
+            return self.engine
+
+    # Idle unload.
+    async def _idle_loop(self) -> None:
+        idle = self.config.idle_unload
+        while True:
+            await asyncio.sleep(min(idle / 4, 1.0))
+            if self.engine is not None and self.users == 0 and time.monotonic() - self.last_used >= idle:
+                await self._unload()
+
+    async def _unload(self) -> None:
+        async with self._lock:
+            if self.engine is None or self.users:
+                return
+            engine, self.engine = self.engine, None
+            self.state = "unloaded"
+            await asyncio.to_thread(engine.close)
+            self.metrics.model_loaded.set(0)
+            log.info("model unloaded after %.0f s idle", self.config.idle_unload)

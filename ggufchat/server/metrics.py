@@ -1,0 +1,45 @@
+"""Prometheus metrics, one registry per app (tests build many apps in one process)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1, 2.5, 5, 10, 30, 60)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter("ggufchat_requests", "HTTP requests by route and status.", ["route", "status"],
+                                registry=r)
+        self.queue_depth = Gauge("ggufchat_queue_depth", "Sequences waiting for a free slot.", registry=r)
+        self.active = Gauge("ggufchat_active_sequences", "Sequences being decoded.", registry=r)
+        self.model_loaded = Gauge("ggufchat_model_loaded", "1 while the model is in memory.", registry=r)
+        self.model_loads = Counter("ggufchat_model_loads", "Times the model was loaded.", registry=r)
+        self.prompt_tokens = Counter("ggufchat_prompt_tokens", "Prompt tokens of finished sequences.",
+                                     registry=r)
+        self.cached_tokens = Counter("ggufchat_prompt_tokens_cached",
+                                     "Prompt tokens whose KV was reused, not recomputed.", registry=r)
+        self.generated_tokens = Counter("ggufchat_generated_tokens", "Tokens generated.", registry=r)
+        self.finished = Counter("ggufchat_sequences_finished", "Sequences by finish reason.", ["reason"],
+                                registry=r)
+        self.cancelled = Counter("ggufchat_sequences_cancelled",
+                                 "Sequences cancelled by the server: client disconnect or timeout.", ["why"],
+                                 registry=r)
+        self.rejected = Counter("ggufchat_requests_rejected", "Requests refused because the queue was full.",
+                                registry=r)
+        self.ttft = Histogram("ggufchat_time_to_first_token_seconds", "Request arrival to first token.",
+                              buckets=_LATENCY_BUCKETS, registry=r)
+        self.itl = Histogram("ggufchat_inter_token_latency_seconds", "Time between a sequence's tokens.",
+                             buckets=_LATENCY_BUCKETS, registry=r)
+
+    def watch(self, queue_depth: Callable[[], float], active: Callable[[], float]) -> None:
+        """Read gauges from the engine at scrape time, not on every step."""
+        self.queue_depth.set_function(queue_depth)
+        self.active.set_function(active)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

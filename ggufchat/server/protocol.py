@@ -1,0 +1,118 @@
+"""Wire types: what clients send, for every route family. Responses are built in convert.py.
+
+Departures from the OpenAI API, on purpose:
+- `model` is accepted and echoed but not checked: one server serves one model, and the seeds send
+  whatever path their server was started with ("/mnt/model/Llama-2-70b-hf").
+- Extensions, as llama-server has them: `top_k`, `min_p`, `repeat_penalty`, `ignore_eos`.
+- /v1/completions parses special tokens in the prompt (the client owns the whole prompt text);
+  /v1/chat/completions never does in message content (see engine/templates.py).
+- Features we do not implement are refused with 400 rather than ignored: `logprobs`, `tools`,
+  `suffix`, `best_of` != n, non-text content parts.
+- Unknown fields are ignored (clients send `store`, `metadata`, `user`, ...), as OpenAI does.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+MAX_N = 16
+
+
+class _Wire(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+
+class ContentPart(_Wire):
+    type: str
+    text: str | None = None
+
+
+class ChatMessage(_Wire):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[ContentPart] | None = None
+    name: str | None = None
+
+
+class JsonSchemaSpec(_Wire):
+    name: str = "response"
+    schema_: dict[str, Any] | bool | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(_Wire):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaSpec | None = None
+
+
+class StreamOptions(_Wire):
+    include_usage: bool = False
+
+
+class _Sampling(_Wire):
+    """Fields shared by chat and text completions. Ranges are OpenAI's; the engine checks again."""
+
+    model: str | None = None
+    max_tokens: int | None = Field(default=None, ge=1)
+    temperature: float | None = Field(default=None, ge=0, le=2)
+    top_p: float | None = Field(default=None, ge=0, le=1)
+    n: int = Field(default=1, ge=1, le=MAX_N)
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    presence_penalty: float | None = Field(default=None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    logprobs: bool | int | None = None
+    # Extensions (llama-server's names).
+    top_k: int | None = Field(default=None, ge=0)
+    min_p: float | None = Field(default=None, ge=0, le=1)
+    repeat_penalty: float | None = Field(default=None, gt=0)
+    ignore_eos: bool = False
+
+
+class ChatCompletionRequest(_Sampling):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    response_format: ResponseFormat | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: Any = None
+    top_logprobs: int | None = None
+
+
+class CompletionRequest(_Sampling):
+    prompt: str | list[str] | list[int] | list[list[int]]
+    echo: bool = False
+    suffix: str | None = None
+    best_of: int | None = None
+    response_format: ResponseFormat | None = None  # not in OpenAI's completions; llama-server has it
+
+
+class SimpleRequest(_Wire):
+    """The seeds' `POST /` body. `history`: [{"role", "content"}, ...] or [[user, assistant], ...]."""
+
+    prompt: str
+    history: list[ChatMessage | list[str]] = Field(default_factory=list)
+    system: str | None = None
+    max_tokens: int | None = Field(default=None, ge=1)
+    max_length: int | None = Field(default=None, ge=1)  # the seed's Streamlit slider name
+    temperature: float | None = Field(default=None, ge=0, le=2)
+    top_p: float | None = Field(default=None, ge=0, le=1)
+
+
+class ChatRouteRequest(_Wire):
+    """The EverAI seed's `POST /chat` body."""
+
+    prompt: str
+
+
+class TokenizeRequest(_Wire):
+    content: str
+    add_special: bool = False
+    parse_special: bool = True
+    with_pieces: bool = False
+
+
+class DetokenizeRequest(_Wire):
+    tokens: list[int]

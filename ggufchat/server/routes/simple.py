@@ -1,0 +1,58 @@
+"""The seeds' own APIs: FastAPI-style `POST /` and the EverAI-style `/chat` (text/plain)."""
+
+from __future__ import annotations
+
+import hashlib
+
+from fastapi import APIRouter, Depends, Query, Request
+from fastapi.responses import PlainTextResponse
+
+from ggufchat.engine.types import GenerationRequest
+from ggufchat.server import convert
+from ggufchat.server.generation import Generation
+from ggufchat.server.protocol import ChatRouteRequest, SimpleRequest
+from ggufchat.server.routes.streaming import collect
+from ggufchat.server.state import ServerState, server_state
+
+router = APIRouter(tags=["Simple"])
+
+
+async def _reply(srv: ServerState, request: Request, build) -> str:
+    lease = await srv.holder.lease(1)
+    try:
+        gen_request: GenerationRequest = build(lease.engine)
+        gen = await Generation.start(srv.holder, lease, [gen_request], request, watch_disconnect=True)
+    except BaseException:
+        lease.release()
+        raise
+    return (await collect(gen))[0].content
+
+
+@router.post("/")
+async def simple(body: SimpleRequest, request: Request, srv: ServerState = Depends(server_state)):
+    """`{"prompt", "history"}` -> `{"response", "status", "time"}`, as the seeds' FastAPI servers answer."""
+    messages = convert.simple_messages(body)
+    text = await _reply(srv, request, lambda engine: convert.simple_request(
+        body, engine.chat_tokens(messages), convert.SIMPLE_MAX_TOKENS))
+    return convert.simple_response(text)
+
+
+async def _chat_route(prompt: str, request: Request, srv: ServerState) -> PlainTextResponse:
+    messages = [{"role": "user", "content": prompt}]
+    text = await _reply(srv, request, lambda engine: GenerationRequest(
+        prompt_tokens=engine.chat_tokens(messages), max_tokens=convert.CHAT_ROUTE_MAX_TOKENS))
+    digest = hashlib.sha256(prompt.encode()).hexdigest()[:16]
+    return PlainTextResponse(text, headers={"x-prompt-hash": digest})
+
+
+@router.get("/chat", response_class=PlainTextResponse)
+async def chat_get(request: Request, prompt: str = Query(min_length=1),
+                   srv: ServerState = Depends(server_state)):
+    """`GET /chat?prompt=...` -> the reply as text/plain (the EverAI seed's route)."""
+    return await _chat_route(prompt, request, srv)
+
+
+@router.post("/chat", response_class=PlainTextResponse)
+async def chat_post(body: ChatRouteRequest, request: Request, srv: ServerState = Depends(server_state)):
+    """`POST /chat` with `{"prompt": ...}` -> the reply as text/plain."""
+    return await _chat_route(body.prompt, request, srv)
