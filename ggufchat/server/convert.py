@@ -113,7 +113,9 @@ def sampling_params(req: _Sampling, grammar: str | None, seed_offset: int = 0) -
         params.presence_penalty = req.presence_penalty
     if req.frequency_penalty is not None:
         params.frequency_penalty = req.frequency_penalty
-    if req.seed is not None:
+    if req.seed is not None and req.seed != -1:  # -1: random, as in llama.cpp
+        if req.seed < 0:
+            raise InvalidParameter("seed must be >= 0 (or -1 for a random one)", param="seed")
         # n > 1 with a seed: distinct but reproducible choices.
         params.seed = (req.seed + seed_offset) % 2**32
     params.grammar = grammar

@@ -79,7 +79,7 @@ def describe(exc: BaseException) -> tuple[int, dict[str, Any], dict[str, str]]:
 def validation_body(exc: RequestValidationError) -> dict[str, Any]:
     errors = exc.errors()
     first = errors[0] if errors else {}
-    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+    loc = [str(p) for p in first.get("loc", ())][1:]  # drop "body" / "query" / "path"
     if first.get("type") == "json_invalid":
         return error_body("the request body is not valid JSON", "invalid_request_error", code="invalid_json")
     param = ".".join(loc) or None

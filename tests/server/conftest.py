@@ -1,0 +1,76 @@
+"""A real ggufchat server (the FastAPI app under uvicorn, over real HTTP) on the shared engine."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import pytest
+import requests
+import uvicorn
+
+from ggufchat.engine import Engine
+from ggufchat.server.app import create_app
+from ggufchat.server.lifecycle import ServerConfig
+
+
+@contextmanager
+def running(app) -> Iterator[str]:
+    """Serve `app` on a free port in a background thread; yields its base URL."""
+    sock = socket.create_server(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, log_config=None, timeout_graceful_shutdown=2))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            raise RuntimeError("the test server did not start")
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(15)
+        sock.close()
+
+
+@contextmanager
+def serve(engine: Engine | None = None, **config) -> Iterator[str]:
+    """A server with its own config over the shared engine (or a factory given as factory=...)."""
+    factory = config.pop("factory", None)
+    config.setdefault("model_id", "smollm2-test")
+    config.setdefault("n_parallel", engine.n_seq_max if engine is not None else 2)
+    app = create_app(ServerConfig(**config), engine=engine, factory=factory)
+    with running(app) as url:
+        yield url
+
+
+@pytest.fixture(scope="session")
+def base_url(engine: Engine) -> Iterator[str]:
+    """The default server: no API key, no CORS, every engine sequence usable."""
+    with serve(engine) as url:
+        yield url
+
+
+@pytest.fixture
+def url(base_url: str, fresh: Engine) -> str:
+    """The default server with the engine's prefix cache emptied."""
+    return base_url
+
+
+def post(url: str, path: str, body=None, **kwargs) -> requests.Response:
+    return requests.post(url + path, json=body, timeout=120, **kwargs)
+
+
+def metric(url: str, name: str, labels: str = "") -> float:
+    """One sample's value from /metrics (0 when absent)."""
+    text = requests.get(url + "/metrics", timeout=10).text
+    key = f"{name}{{{labels}}}" if labels else name
+    for line in text.splitlines():
+        if line.startswith(key + " "):
+            return float(line.split()[-1])
+    return 0.0
