@@ -164,6 +164,10 @@ def _run(config, load, host: str, port: int, chat_template, chat_template_file) 
     server = uvicorn.Server(uv_config)
     try:
         server.run(sockets=[sock])
+    except KeyboardInterrupt:
+        # uvicorn shuts down gracefully on Ctrl-C / SIGTERM, then re-raises the signal; for a server
+        # that is the normal way to stop, not a failure.
+        pass
     finally:
         sock.close()
     if fatal:

@@ -176,6 +176,6 @@ class ModelHolder:
                 return
             engine, self.engine = self.engine, None
             self.state = "unloaded"
-            await asyncio.to_thread(engine.close)
             self.metrics.model_loaded.set(0)
+            await asyncio.to_thread(engine.close)
             log.info("model unloaded after %.0f s idle", self.config.idle_unload)
