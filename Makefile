@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 TOOLS  := .build/llama.cpp
 PYTEST_ARGS ?=
 
-.PHONY: install chat test lint bench bench-engine llama-tools clean
+.PHONY: install chat test lint bench bench-engine bench-server llama-tools clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -36,6 +36,11 @@ llama-tools:
 
 bench: install llama-tools
 	$(BIN)/python scripts/bench_engine.py --tools $(TOOLS)/bin
+
+# ggufchat serve vs llama-server vs llama-cpp-python's server, streaming clients, one run.
+bench-server: install llama-tools
+	$(BIN)/python -m pip install --quiet sse-starlette starlette-context  # llama_cpp.server's extras
+	$(BIN)/python scripts/bench_servers.py --markdown artifacts/bench_servers.md
 
 bench-engine: install
 	$(BIN)/ggufchat bench
