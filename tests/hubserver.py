@@ -18,7 +18,10 @@ Routes (only what the clients call):
   MS  GET  /api/v1/models/{repo}/revisions            revision resolution when revision=None
   MS  GET  /api/v1/models/{repo}/repo/files?Revision= file listing (Path, Size, Sha256)
   MS  GET  /api/v1/models/{repo}/repo?Revision=&FilePath=  file download
+  URL HEAD|GET /files/{path}                          a plain web server (add_url_file): ETag, Range, 404
 Every file is served as if LFS-tracked: its sha256 is its HF ETag and its ModelScope Sha256.
+Fault knobs: cut_after (drop the connection mid-body), stall_after (hang mid-body until stop()),
+corrupt_sha, require_token, and per plain file ignore_range (answer 200 to every Range request).
 """
 
 from __future__ import annotations
@@ -46,6 +49,7 @@ class _File:
     data: bytes
     sha256: str  # what the hub advertises; differs from the data's hash after corrupt_sha()
     hubs: tuple[str, ...]
+    ignore_range: bool = False  # answer every Range request with the whole file (200), as some servers do
 
 
 class FakeHub:
@@ -55,7 +59,11 @@ class FakeHub:
         # repo_id -> revision -> filename -> _File
         self.repos: dict[str, dict[str, dict[str, _File]]] = {}
         self.tokens: dict[str, str] = {}
-        self.cuts: dict[tuple[str, str], list[int]] = {}  # (repo, file) -> [n_bytes, remaining times]
+        # (repo, file) -> [n_bytes, remaining times, offset?]; plain files use repo "" and their URL path.
+        self.cuts: dict[tuple[str, str], list[int]] = {}
+        self.stalls: dict[tuple[str, str], int] = {}  # (repo, file) -> file offset where the body hangs
+        self.plain: dict[str, _File] = {}  # URL path -> file, for add_url_file
+        self._release = threading.Event()  # set by stop(): stalled responses give up
         # (method, path with query, headers with lower-cased names) for every request received.
         self.requests: list[tuple[str, str, dict[str, str]]] = []
         # ModelScope's CDN sends the object sha256 as X-Linked-ETag and modelscope_hub then verifies the download
@@ -80,6 +88,7 @@ class FakeHub:
         return self
 
     def stop(self) -> None:
+        self._release.set()
         if self._server is not None:
             self._server.shutdown()
             self._server.server_close()
@@ -98,13 +107,36 @@ class FakeHub:
         with self._lock:
             self.repos.setdefault(repo_id, {}).setdefault(_norm_rev(revision), {})[filename] = f
 
+    def add_url_file(self, path: str, data: bytes, *, ignore_range: bool = False) -> str:
+        """Serve `data` at /files/{path} as a plain web server would (ETag = its sha256); return the full URL.
+
+        Adding the same path again replaces the content, and so the ETag, as a re-uploaded file would.
+        """
+        f = _File(data, hashlib.sha256(data).hexdigest(), (), ignore_range)
+        with self._lock:
+            self.plain["/files/" + path.lstrip("/")] = f
+        return f"{self.url}/files/{path.lstrip('/')}"
+
     def require_token(self, repo_id: str, token: str) -> None:
         self.tokens[repo_id] = token
 
-    def cut_after(self, repo_id: str, filename: str, n_bytes: int, times: int = 1) -> None:
-        """The next `times` GETs of the file announce the full length but drop the connection after n_bytes."""
+    def cut_after(self, repo_id: str, filename: str, n_bytes: int, times: int = 1, *, offset: bool = False) -> None:
+        """The next `times` GETs of the file announce the full length but drop the connection after n_bytes.
+
+        With offset=True, n_bytes is a position in the file instead: the connection always dies there, so a request
+        resuming at or past it gets its headers and no body at all (a link that breaks at the same place every time).
+        For a plain file (add_url_file), repo_id is "" and filename is its path under /files/.
+        """
         with self._lock:
-            self.cuts[(repo_id, filename)] = [n_bytes, times]
+            self.cuts[(repo_id, filename)] = [n_bytes, times, offset]
+
+    def stall_after(self, repo_id: str, filename: str, n_bytes: int) -> None:
+        """The next GET of the file sends the body up to file offset n_bytes, then hangs until stop().
+
+        For killing or interrupting a client mid-download at a known point.
+        """
+        with self._lock:
+            self.stalls[(repo_id, filename)] = n_bytes
 
     def corrupt_sha(self, repo_id: str, filename: str) -> None:
         """Advertise a sha256 (HF ETag/lfs.sha256, MS Sha256/X-Linked-ETag) that does not match the served bytes."""
@@ -129,13 +161,19 @@ class FakeHub:
     def _has_repo(self, repo_id: str, hub: str) -> bool:
         return any(hub in f.hubs for files in self.repos.get(repo_id, {}).values() for f in files.values())
 
-    def _take_cut(self, repo_id: str, filename: str) -> int | None:
+    def _take_cut(self, repo_id: str, filename: str, start: int) -> int | None:
+        """Body bytes to send before dropping the connection of a response starting at file offset `start`."""
         with self._lock:
             cut = self.cuts.get((repo_id, filename))
             if not cut or cut[1] <= 0:
                 return None
             cut[1] -= 1
-            return cut[0]
+            return max(cut[0] - start, 0) if cut[2] else cut[0]
+
+    def _take_stall(self, repo_id: str, filename: str, start: int) -> int | None:
+        with self._lock:
+            at = self.stalls.pop((repo_id, filename), None)
+        return None if at is None else max(at - start, 0)
 
 
 _HF_TREE = re.compile(r"^/api/models/(?P<repo>[^/]+/[^/]+)/tree/(?P<rev>[^/]+)(?:/(?P<path>.+))?$")
@@ -172,6 +210,8 @@ class _Handler(BaseHTTPRequestHandler):
             return self._hf_info(m["repo"], m["rev"] or "main")
         if m := _HF_RESOLVE.match(path):
             return self._hf_resolve(m["repo"], m["rev"], m["file"])
+        if path.startswith("/files/"):
+            return self._plain(path)
         # e.g. modelscope's /api/v1/repos/internalAccelerationInfo region probe: a 404 makes it skip acceleration
         self._reply(404, b"not found", {"Content-Type": "text/plain"})
 
@@ -203,14 +243,20 @@ class _Handler(BaseHTTPRequestHandler):
         data, status, total = f.data, 200, len(f.data)
         headers = {"Content-Type": "application/octet-stream", "Accept-Ranges": "bytes", **headers}
         rng = re.fullmatch(r"bytes=(\d+)-(\d*)", self.headers.get("Range", "").strip())
-        if rng:
+        start = 0
+        if rng and not f.ignore_range:
             start = int(rng[1])
             end = min(int(rng[2]), total - 1) if rng[2] else total - 1
             if start >= total or end < start:
                 return self._reply(416, b"", {"Content-Range": f"bytes */{total}"})
             data, status = data[start:end + 1], 206
             headers["Content-Range"] = f"bytes {start}-{end}/{total}"
-        cut = self.hub._take_cut(repo_id, filename) if self.command == "GET" else None
+        if f.ignore_range:
+            headers.pop("Accept-Ranges")
+        stall = self.hub._take_stall(repo_id, filename, start) if self.command == "GET" else None
+        if stall is not None:
+            return self._stall(status, data, headers, stall)
+        cut = self.hub._take_cut(repo_id, filename, start) if self.command == "GET" else None
         if cut is None:
             return self._reply(status, data, headers)
         # A dropped connection: full headers, then part of the body, then FIN. The client sees a short read.
@@ -225,6 +271,23 @@ class _Handler(BaseHTTPRequestHandler):
             self.connection.shutdown(socket.SHUT_RDWR)
         except OSError:
             pass
+
+    def _stall(self, status: int, data: bytes, headers: dict[str, str], n_bytes: int) -> None:
+        self.send_response(status)
+        for k, v in {**headers, "Content-Length": str(len(data))}.items():
+            self.send_header(k, v)
+        self.end_headers()
+        self.wfile.write(data[:n_bytes])
+        self.wfile.flush()
+        self.hub._release.wait(60)
+        self.close_connection = True
+
+    # -- a plain web server --------------------------------------------------------------------------------------------
+    def _plain(self, path: str) -> None:
+        f = self.hub.plain.get(path)
+        if f is None:
+            return self._reply(404, b"404 Not Found", {"Content-Type": "text/plain"})
+        self._send_file(f, "", path[len("/files/"):], {"ETag": f'"{f.sha256}"'})
 
     # -- Hugging Face ------------------------------------------------------------------------------------------------
     def _hf_error(self, status: int, code: str | None, message: str, commit: str | None = None) -> None:
