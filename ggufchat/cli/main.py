@@ -95,7 +95,12 @@ def run(argv: list[str] | None = None) -> None:
     setup_logging()
     args = normalize_argv(sys.argv[1:] if argv is None else list(argv))
     try:
-        app(args=args, standalone_mode=False)
+        code = app(args=args, standalone_mode=False)
+        # typer turns Ctrl-C into Exit(130) and, outside standalone mode, returns exit codes instead of raising.
+        if isinstance(code, int) and code:
+            if code == 130:
+                print(file=sys.stderr)
+            sys.exit(code)
     except GgufchatError as exc:
         if _debug():
             raise
