@@ -114,8 +114,9 @@ def rm(name: Annotated[str, typer.Argument(help="Cached model name (see `ggufcha
 
 
 def download_model(
-    model: Annotated[str, typer.Argument(help="alias[:quant], hf://OWNER/REPO[:QUANT|/FILE] or "
-                                              "ms://OWNER/REPO[:QUANT|/FILE].", show_default=False)],
+    model: Annotated[str, typer.Argument(help="alias[:quant], hf://OWNER/REPO[:QUANT|/FILE], "
+                                              "ms://OWNER/REPO[:QUANT|/FILE], or an https URL of a .gguf "
+                                              "(#sha256=HEX checks it).", show_default=False)],
     source: Annotated[str, typer.Option("--source", help="hf, ms, or auto (Hugging Face, then ModelScope).")]
     = "auto",
     revision: Annotated[str | None, typer.Option("--revision", help="Branch, tag or commit.")] = None,
@@ -123,8 +124,10 @@ def download_model(
                                                     "(default: HF_TOKEN / MODELSCOPE_API_TOKEN).")] = None,
     offline: Annotated[bool, typer.Option("--offline", help="Use the cache only (also GGUFCHAT_OFFLINE=1).")]
     = False,
+    sha256: Annotated[str | None, typer.Option("--sha256", metavar="HEX",
+                                               help="Expected sha256 of the file (single-file models).")] = None,
 ) -> None:
-    """Download a GGUF model from Hugging Face or ModelScope into the cache (resumable, verified)."""
+    """Download a GGUF model from Hugging Face, ModelScope or a URL into the cache (resumable, verified)."""
     import sys
 
     from ggufchat.errors import InvalidParameter
@@ -139,8 +142,12 @@ def download_model(
             token = token_file.read_text(encoding="utf-8").strip()
         except OSError as exc:
             raise InvalidParameter(f"cannot read --token-file {token_file}: {exc.strerror}") from exc
-    model = download(model, settings, source=source.lower(), revision=revision, token=token,
-                     report=lambda line: print(line, file=sys.stderr))
+    try:
+        model = download(model, settings, source=source.lower(), revision=revision, token=token, sha256=sha256,
+                         report=lambda line: print(line, file=sys.stderr))
+    except KeyboardInterrupt:
+        print("\ninterrupted: what arrived is kept; run the same command again to continue", file=sys.stderr)
+        raise
     print(model.path)
 
 

@@ -3,13 +3,16 @@
     qwen2-7b-instruct:q5_k_m            an alias from the catalog, with a quant tag
     hf://Qwen/Qwen2-7B-Instruct-GGUF:q5_k_m   a Hugging Face repo and a quant tag
     ms://qwen/Qwen2-7B-Instruct-GGUF/qwen2-7b-instruct-q5_k_m.gguf   a ModelScope repo and a file
-    https://example.org/model.gguf      a direct link
+    https://example.org/model.gguf      a direct link (#sha256=HEX checks it)
+    https://huggingface.co/OWNER/REPO/resolve/REV/FILE          the same as hf://OWNER/REPO/FILE at REV
+    https://www.modelscope.cn/models/OWNER/REPO/resolve/REV/FILE   the same as ms://OWNER/REPO/FILE at REV
 """
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from urllib.parse import parse_qs, unquote, urlsplit
 
 from ggufchat.errors import InvalidParameter
 
@@ -48,12 +51,15 @@ class ModelRef:
     repo: str | None = None  # catalog alias, or owner/name
     quant: str | None = None
     filename: str | None = None
-    url: str | None = None
+    url: str | None = None  # without its #fragment
+    revision: str | None = None  # from a hub file URL
+    sha256: str | None = None  # from a URL's #sha256=HEX
 
     @property
     def display(self) -> str:
         if self.kind == "url":
-            return self.url or ""
+            # The cache name: no query string, which may carry a signature or a token.
+            return (self.url or "").split("?")[0]
         prefix = "" if self.kind == "catalog" else f"{self.kind}://"
         tail = f"/{self.filename}" if self.filename else (f":{self.quant}" if self.quant else "")
         return f"{prefix}{self.repo}{tail}"
@@ -67,9 +73,7 @@ def parse_spec(spec: str) -> ModelRef:
     """Parse a model spec; raise InvalidParameter with the accepted forms when it fits none."""
     text = spec.strip()
     if text.startswith(("https://", "http://")):
-        if not text.split("?")[0].lower().endswith(".gguf"):
-            raise InvalidParameter(f"{spec} does not point at a .gguf file", param="model")
-        return ModelRef("url", url=text, filename=text.split("?")[0].rsplit("/", 1)[-1])
+        return _parse_url(spec, text)
     for scheme in SOURCES:
         if text.startswith(f"{scheme}://"):
             rest = text[len(scheme) + 3:]
@@ -95,6 +99,48 @@ def parse_spec(spec: str) -> ModelRef:
              "ms://OWNER/REPO[:QUANT|/FILE], an https URL of a .gguf, or a path to a .gguf file.",
         param="model",
     )
+
+
+HF_HOSTS = ("huggingface.co", "www.huggingface.co", "hf.co")
+MS_HOSTS = ("modelscope.cn", "www.modelscope.cn")
+# /OWNER/REPO/resolve/REV/FILE is the download link; /blob/ is the file's page on the Hub.
+_HF_FILE_URL = re.compile(r"^/(?P<owner>[^/]+)/(?P<repo>[^/]+)/(?:resolve|blob)/(?P<rev>[^/]+)/(?P<file>.+)$")
+# /models/OWNER/REPO/resolve/REV/FILE downloads; /models/OWNER/REPO/file/view/REV/FILE is the file's page.
+_MS_FILE_URL = re.compile(
+    r"^/models/(?P<owner>[^/]+)/(?P<repo>[^/]+)/(?:resolve|file/view)/(?P<rev>[^/]+)/(?P<file>.+)$")
+_MS_API_URL = re.compile(r"^/api/v1/models/(?P<owner>[^/]+)/(?P<repo>[^/]+)/repo$")
+
+
+def _parse_url(spec: str, text: str) -> ModelRef:
+    """A Hugging Face or ModelScope file URL becomes that hub's ref (hub client, hub sha256); any other .gguf URL
+    is a direct download."""
+    url, _, fragment = text.partition("#")
+    sha256 = None
+    if fragment:
+        m = re.fullmatch(r"sha256[=:]([0-9a-fA-F]{64})", fragment)
+        if not m:
+            raise InvalidParameter(f"{spec}: the only URL fragment understood is #sha256= and 64 hex digits",
+                                   param="model")
+        sha256 = m[1].lower()
+    parts = urlsplit(url)
+    host, path = (parts.hostname or "").lower(), unquote(parts.path)
+    hub = None
+    if host in HF_HOSTS and (m := _HF_FILE_URL.match(path)):
+        hub, owner, repo, rev, filename = "hf", m["owner"], m["repo"], m["rev"], m["file"]
+    elif host in MS_HOSTS and (m := _MS_FILE_URL.match(path)):
+        hub, owner, repo, rev, filename = "ms", m["owner"], m["repo"], m["rev"], m["file"]
+    elif host in MS_HOSTS and (m := _MS_API_URL.match(path)):
+        query = {k: v[0] for k, v in parse_qs(parts.query).items()}
+        if not query.get("FilePath"):
+            raise InvalidParameter(f"{spec}: a ModelScope file URL needs FilePath=FILE", param="model")
+        hub, owner, repo, rev, filename = "ms", m["owner"], m["repo"], query.get("Revision"), query["FilePath"]
+    else:
+        filename = path.rsplit("/", 1)[-1]
+    if not filename.lower().endswith(".gguf"):
+        raise InvalidParameter(f"{spec} does not point at a .gguf file", param="model")
+    if hub:
+        return ModelRef(hub, repo=f"{owner}/{repo}", filename=filename, revision=rev, sha256=sha256)
+    return ModelRef("url", url=url, filename=filename, sha256=sha256)
 
 
 def split_info(filename: str) -> tuple[str, int, int] | None:

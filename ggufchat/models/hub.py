@@ -2,20 +2,32 @@
 
 The HTTP is the clients' own (huggingface_hub, modelscope): we pick files, check disk space, hash
 what arrived against the hub's sha256 (huggingface_hub checks sizes only), check the GGUF header, and
-only then move the files into the model cache with the manifest written last.
+only then move the files into the model cache with the manifest written last. Plain .gguf URLs are
+fetched by ggufchat.models.direct instead.
+
+Resuming across runs: modelscope keeps `<file>.incomplete` in its local_dir after a failure or Ctrl-C and
+continues it with a Range request next time, so its staging folder simply stays. huggingface_hub 2.x
+does not: hf_hub_download writes to a per-process `<etag>.<uuid>.incomplete` and deletes it in a
+`finally` (retrying with Range only within the call), so a run that dies loses everything. For Hugging
+Face we therefore take the file's metadata and its HTTP transfer from huggingface_hub (get_hf_file_metadata,
+http_get: the same headers, auth, redirects, retries and progress bar) but keep the partial file ourselves,
+as `<file>.<etag>.part` in the staging folder, and hand http_get its size to resume from.
 """
 
 from __future__ import annotations
 
+import glob
 import logging
 import os
+import re
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from ggufchat.errors import DownloadError, GgufchatError
-from ggufchat.models.catalog import CATALOG, ModelRef, parse_spec, pick_files
+from ggufchat.models.catalog import CATALOG, ModelRef, parse_spec, pick_files, split_info
 from ggufchat.models.gguf import read_gguf
 from ggufchat.models.store import CachedModel, FileRecord, Manifest, Store, sha256_file, slug
 from ggufchat.settings import Settings
@@ -75,10 +87,45 @@ def _hf_list(repo: str, revision: str, token: str | None, endpoint: str | None) 
 
 
 def _hf_fetch(repo: str, name: str, revision: str, token: str | None, endpoint: str | None, staging: Path) -> Path:
-    from huggingface_hub import hf_hub_download
+    """Download one file to staging/name, continuing a .part an earlier run left (see the module docstring)."""
+    import httpx2
+    from huggingface_hub import get_hf_file_metadata, hf_hub_url
+    from huggingface_hub.file_download import http_get
+    from huggingface_hub.utils import build_hf_headers
 
-    return Path(_hf_call(lambda: hf_hub_download(repo, name, revision=revision, endpoint=endpoint, token=token,
-                                                 local_dir=staging), f"hf://{repo}/{name}"))
+    what = f"hf://{repo}/{name}"
+    url = hf_hub_url(repo, name, revision=revision, endpoint=endpoint)
+    meta = _hf_call(lambda: get_hf_file_metadata(url, token=token, endpoint=endpoint), what)
+    final = staging / name
+    final.parent.mkdir(parents=True, exist_ok=True)
+    if final.is_file() and meta.size is not None and final.stat().st_size == meta.size:
+        return final  # completed by an earlier run that stopped before installing; the checksum still decides
+    # The etag (the sha256 of an LFS file) names the part, so a file changed on the hub never continues an old one.
+    part = final.with_name(f"{final.name}.{re.sub(r'[^0-9A-Za-z]', '', meta.etag or '')[:16] or 'noetag'}.part")
+    for stale in glob.glob(glob.escape(str(final)) + ".*.part"):
+        if Path(stale) != part:
+            Path(stale).unlink(missing_ok=True)
+    if meta.size is not None and part.exists() and part.stat().st_size > meta.size:
+        part.unlink()
+    headers = build_hf_headers(token=token)
+    # As hf_hub_download does: fetch the redirect target directly (a signed CDN URL gets no Authorization);
+    # Xet-backed files are fetched from the resolve URL, which the Hub redirects to its plain-HTTP bridge.
+    location = url if meta.xet_file_data is not None else meta.location
+    if urlsplit(location).netloc != urlsplit(url).netloc:
+        headers.pop("authorization", None)
+    with open(part, "r+b" if part.exists() else "wb") as fh:
+        fh.seek(0, os.SEEK_END)
+        try:
+            _hf_call(lambda: http_get(location, fh, resume_size=fh.tell(), headers=headers, expected_size=meta.size,
+                                      displayed_filename=name), what)
+        except (httpx2.HTTPError, _NotThere) as exc:
+            fh.flush()
+            kept = part.stat().st_size
+            raise DownloadError(f"{what}: the download was cut short ({exc.__cause__ or exc}); "
+                                f"{kept} of {meta.size or '?'} bytes are kept",
+                                hint="Run the same command again: it continues where it stopped.") from exc
+    os.replace(part, final)
+    return final
 
 
 # ---------------------------------------------------------------- ModelScope
@@ -144,14 +191,27 @@ def _sources(ref: ModelRef, source: str) -> list[tuple[str, str]]:
 
 
 def download(spec: str, settings: Settings, *, source: str = "auto", revision: str | None = None,
-             token: str | None = None, report: Callable[[str], None] = lambda _: None) -> CachedModel:
-    """Download a model into the cache (or return it if it is there already)."""
+             token: str | None = None, sha256: str | None = None,
+             report: Callable[[str], None] = lambda _: None) -> CachedModel:
+    """Download a model into the cache (or return it if it is there already).
+
+    `sha256` (or a URL's #sha256=HEX) is checked on top of the hub's own; it fits single-file models only.
+    """
     if source not in ("auto", "hf", "ms"):
         raise DownloadError(f"--source must be hf, ms or auto, not {source!r}")
     ref = parse_spec(spec)
-    if ref.kind == "url":
-        raise DownloadError("downloading from a plain URL is not supported yet",
-                            hint="Use hf://OWNER/REPO/FILE or ms://OWNER/REPO/FILE, or download it and pass the path.")
+    if sha256 is not None:
+        if not re.fullmatch(r"[0-9a-fA-F]{64}", sha256.strip()):
+            raise DownloadError(f"--sha256 must be 64 hex digits, not {sha256!r}")
+        sha256 = sha256.strip().lower()
+        if ref.sha256 and ref.sha256 != sha256:
+            raise DownloadError("--sha256 and the URL's #sha256= disagree")
+    sha256 = sha256 or ref.sha256
+    if ref.revision and revision and ref.revision != revision:
+        raise DownloadError(f"the URL names revision {ref.revision} but --revision says {revision}")
+    revision = revision or ref.revision
+    if ref.kind == "url" and source != "auto":
+        raise DownloadError(f"{ref.display} is fetched from its own server; --source {source} does not apply")
     name = ref.display
     store = Store(settings.home)
     cached = store.find(name)
@@ -161,10 +221,14 @@ def download(spec: str, settings: Settings, *, source: str = "auto", revision: s
     if settings.offline:
         raise DownloadError(f"{name} is not in the cache and GGUFCHAT_OFFLINE is set",
                             hint="Unset GGUFCHAT_OFFLINE (or drop --offline) to download it.")
+    if ref.kind == "url":
+        from ggufchat.models.direct import download_url
+
+        return download_url(ref, store, sha256=sha256, report=report)
     failures = []
     for hub, repo in _sources(ref, source):
         try:
-            return _download_from(hub, repo, ref, name, settings, store, revision, token, report)
+            return _download_from(hub, repo, ref, name, settings, store, revision, token, sha256, report)
         except _NotThere as exc:
             failures.append(str(exc))
             report(f"{exc}")
@@ -172,7 +236,8 @@ def download(spec: str, settings: Settings, *, source: str = "auto", revision: s
 
 
 def _download_from(hub: str, repo: str, ref: ModelRef, name: str, settings: Settings, store: Store,
-                   revision: str | None, token: str | None, report: Callable[[str], None]) -> CachedModel:
+                   revision: str | None, token: str | None, sha256: str | None,
+                   report: Callable[[str], None]) -> CachedModel:
     if hub == "hf":
         rev = revision or "main"
         listing = _hf_list(repo, rev, token, settings.hf_endpoint)
@@ -187,18 +252,28 @@ def _download_from(hub: str, repo: str, ref: ModelRef, name: str, settings: Sett
         if ref.filename not in by_name:
             raise _NotThere(f"{where} has no file {ref.filename}")
         names = [ref.filename]
+        if split := split_info(ref.filename):  # one part named (as in a URL): the model is all of them
+            prefix, _, count = split
+            names = [f"{prefix}-{i:05d}-of-{count:05d}.gguf" for i in range(1, count + 1)]
+            if missing := [n for n in names if n not in by_name]:
+                raise DownloadError(f"{where} lacks part(s) {', '.join(missing)} of {ref.filename}")
     else:
         try:
             names = pick_files(list(by_name), ref.quant, where)
         except GgufchatError as exc:
             raise DownloadError(str(exc), hint=exc.hint) from exc
     files = [by_name[n] for n in names]
+    if sha256 and len(files) > 1:
+        raise DownloadError(f"{name} is a {len(files)}-part model; a single sha256 cannot check them all",
+                            hint="Drop --sha256 / #sha256= for split models.")
     need = sum(f.size for f in files)
+    staging = store.downloads_dir / hub / slug(f"{repo}@{rev}")
+    # What an earlier run left in staging (partial files) is already on the disk.
+    kept = sum(p.stat().st_size for p in staging.rglob("*") if p.is_file()) if staging.is_dir() else 0
     free = free_bytes(settings.home)
-    if need + _DISK_MARGIN > free:
+    if need - min(kept, need) + _DISK_MARGIN > free:
         raise DownloadError(f"{name} needs {need / 2**30:.2f} GiB but {settings.home} has {free / 2**30:.2f} GiB free",
                             hint="Free some space, or point GGUFCHAT_HOME at a bigger disk.")
-    staging = store.downloads_dir / hub / slug(f"{repo}@{rev}")
     staging.mkdir(parents=True, exist_ok=True)
     report(f"downloading {', '.join(names)} ({need / 2**20:.1f} MiB) from {where}")
     staged: dict[str, Path] = {}
@@ -208,16 +283,22 @@ def _download_from(hub: str, repo: str, ref: ModelRef, name: str, settings: Sett
         else:
             path = _ms_fetch(repo, f.name, rev, token, endpoint, staging)
         staged[f.name] = path
-        if f.sha256:
+        if f.sha256 or sha256:
             got = sha256_file(path)
-            if got != f.sha256:
+            if f.sha256 and got != f.sha256:
                 path.unlink(missing_ok=True)
                 raise DownloadError(f"{f.name} from {where} failed its checksum (sha256 {got[:12]}..., "
                                     f"the hub says {f.sha256[:12]}...); the file was deleted",
                                     hint="Run the download again; if it keeps failing the hub copy is broken.")
+            if sha256 and got != sha256:
+                path.unlink(missing_ok=True)
+                raise DownloadError(f"{f.name} from {where} failed its checksum (sha256 {got[:12]}..., "
+                                    f"expected {sha256[:12]}...); the file was deleted",
+                                    hint="Check the sha256 you gave.")
     read_gguf(staged[names[0]])  # a complete GGUF, or InvalidModelFile
-    manifest = Manifest(name, hub, repo, rev, [FileRecord(f.name, f.size or staged[f.name].stat().st_size, f.sha256)
-                                               for f in files], verified=all(f.sha256 for f in files))
+    manifest = Manifest(name, hub, repo, rev, [FileRecord(f.name, f.size or staged[f.name].stat().st_size,
+                                                          f.sha256 or sha256) for f in files],
+                        verified=all(f.sha256 or sha256 for f in files))
     model = store.install(manifest, staged)
     shutil.rmtree(staging, ignore_errors=True)
     report(f"saved {name}: {model.path}")

@@ -2,7 +2,7 @@
 
     $GGUFCHAT_HOME/models/<slug>/manifest.json   name, source, repo, revision, files (sha256, size), time
     $GGUFCHAT_HOME/models/<slug>/<file>.gguf     the model file(s); every part of a split model
-    $GGUFCHAT_HOME/downloads/...                 the hub clients' partial files, resumable
+    $GGUFCHAT_HOME/downloads/...                 partial downloads (ours and the hub clients'), resumed next run
 
 A model is only listed or loaded when its manifest exists and every file it names has the size the
 manifest says: a half-written or unverified file is never mistaken for a model.

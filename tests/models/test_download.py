@@ -14,35 +14,7 @@ from ggufchat.settings import Settings
 from tests.conftest import run_cli
 from tests.gguf_split import split_gguf
 from tests.hubserver import FakeHub
-
-HF_REPO = "Qwen/Qwen2-7B-Instruct-GGUF"  # the catalog's repos for qwen2-7b-instruct
-MS_REPO = "qwen/Qwen2-7B-Instruct-GGUF"
-
-
-@pytest.fixture(autouse=True)
-def isolated(tmp_path, monkeypatch):
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
-    for var in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "MODELSCOPE_API_TOKEN", "MODELSCOPE_ENDPOINT"):
-        monkeypatch.delenv(var, raising=False)
-    monkeypatch.setenv("MODELSCOPE_HOME", str(tmp_path / "ms_home"))
-    import modelscope_hub.config
-
-    monkeypatch.setattr(modelscope_hub.config, "_default_config", None)
-
-
-@pytest.fixture(scope="module")
-def gguf(model_path) -> bytes:
-    return model_path.read_bytes()
-
-
-@pytest.fixture
-def hub(gguf):
-    with FakeHub() as h:
-        for repo in (HF_REPO, MS_REPO):
-            h.add_file(repo, "qwen2-7b-instruct-q4_1.gguf", gguf)
-            h.add_file(repo, "qwen2-7b-instruct-q8_0.gguf", gguf[:1000])
-            h.add_file(repo, "README.md", b"# readme")
-        yield h
+from tests.models.conftest import HF_REPO, MS_REPO
 
 
 def settings(tmp_path, hub: FakeHub, **kw) -> Settings:
