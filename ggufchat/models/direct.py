@@ -142,13 +142,23 @@ def _fetch(session, url: str, part: Path, name: str, meta: dict) -> Path:
                 _Transient) as exc:
             now = part.stat().st_size if part.exists() else 0
             failures = 0 if now > have else failures + 1
+            host = urlsplit(url).netloc
+            if failures > RETRIES and not now:
+                raise DownloadError(f"{name}: cannot download from {host} ({_reason(exc)})",
+                                    hint="Check the URL and the network, then try again.") from exc
             if failures > RETRIES:
-                raise DownloadError(
-                    f"{name}: the connection to {urlsplit(url).netloc} kept failing ({exc}); "
-                    f"{now} bytes are kept",
-                    hint="Run the same command again: it continues where it stopped.") from exc
-            log.warning("%s: %s; resuming from byte %d", name, exc, now)
+                raise DownloadError(f"{name}: the connection to {host} kept failing ({_reason(exc)}); "
+                                    f"{now} bytes are kept",
+                                    hint="Run the same command again: it continues where it stopped.") from exc
+            log.warning("%s: %s; trying again from byte %d", name, _reason(exc), now)
             time.sleep(RETRY_WAIT)
+
+
+def _reason(exc: Exception) -> str:
+    """The useful end of a requests/urllib3 error ("[Errno 111] Connection refused"), not its whole chain."""
+    text = str(exc)
+    m = re.search(r"\[Errno -?\d+\] [^'\")]+", text)
+    return m[0] if m else text[:200]
 
 
 def _receive(resp, url: str, part: Path, name: str, have: int, meta: dict) -> dict:
