@@ -36,6 +36,7 @@ import os
 import platform
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import time
@@ -234,7 +235,32 @@ def _level(results: dict, name: str, c: int) -> dict | None:
 def _ratio(a: dict | None, b: dict | None, key: str) -> float | None:
     if not a or not b or not a.get(key) or not b.get(key):
         return None
+    # With several rounds, the median of the per-round ratios (each round's servers ran minutes apart,
+    # so pairing them cancels most of the machine's drift); else the plain ratio.
+    pairs = [x / y for x, y in zip(a.get("rounds_" + key, []), b.get("rounds_" + key, []), strict=False) if x and y]
+    if len(pairs) > 1:
+        return statistics.median(pairs)
     return a[key] / b[key]
+
+
+def combine_rounds(runs: list[dict]) -> dict:
+    """One result from several rounds of the same server: per level, the median of each number, with the
+    per-round values kept for the paired ratios."""
+    levels = []
+    for c in [lv["concurrency"] for lv in runs[0]["levels"]]:
+        per_round = [next((lv for lv in r["levels"] if lv["concurrency"] == c), None) for r in runs]
+        ok = [lv for lv in per_round if lv and lv["ok"]]
+        if not ok:
+            levels.append(per_round[0])
+            continue
+        merged = dict(ok[0])
+        for key in ("aggregate_tps", "ttft_p50_ms", "ttft_p95_ms", "itl_p50_ms", "itl_p95_ms"):
+            values = [lv[key] for lv in ok if lv.get(key) is not None]
+            merged[key] = statistics.median(values) if values else None
+            merged["rounds_" + key] = [lv[key] if lv and lv["ok"] else None for lv in per_round]
+        merged["errors"] = sum(lv["errors"] for lv in ok)
+        levels.append(merged)
+    return {**runs[-1], "levels": levels, "rounds": len(runs)}
 
 
 def _check(ok: bool | None, text: str) -> str:
@@ -296,7 +322,9 @@ def legend(results: dict, s: Settings, args) -> str:
     return (f"{used}. Aggregate completion tokens/s over each level's wall time; TTFT and ITL are p50 in ms. "
             f"Model {Path(s.model).name}, -c {s.ctx} total ({s.ctx // s.parallel} per sequence), -np {s.parallel}, "
             f"-t {s.threads}; {args.requests_per_client} streaming requests per client, max_tokens "
-            f"{args.max_tokens}, ignore_eos; {os.cpu_count()} CPUs, {platform.machine()}.")
+            f"{args.max_tokens}, ignore_eos; {os.cpu_count()} CPUs, {platform.machine()}. Rounds: "
+            + ", ".join(f"{SHORT[n]} {results[n].get('rounds', 1)}" for n in SERVER_NAMES if n in results)
+            + " (medians; ratios are medians of per-round ratios).")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -310,6 +338,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--parallel", type=int, default=8, help="server slots (-np)")
     ap.add_argument("--servers", default=",".join(SERVER_NAMES), help="comma-separated subset of " +
                     ",".join(SERVER_NAMES))
+    ap.add_argument("--rounds", type=int, default=3, help="rounds of every server, alternating (default 3)")
+    ap.add_argument("--lcp-rounds", type=int, default=1, help="rounds of llama_cpp.server, the slow one "
+                    "(default 1)")
     ap.add_argument("--endpoint", choices=["chat", "completions"], default="chat")
     ap.add_argument("--llama-server", default=str(ROOT / ".build" / "llama.cpp" / "bin" / "llama-server"))
     ap.add_argument("--startup-timeout", type=float, default=300.0)
@@ -332,13 +363,20 @@ def main(argv: list[str] | None = None) -> int:
 
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, _on_signal)
-    results: dict[str, dict] = {}
+    runs: dict[str, list[dict]] = {}
     try:
-        for name in SERVER_NAMES:
-            if name in servers:
+        for round_no in range(args.rounds):
+            # Alternate the order, so no server always runs first (on a cooler machine).
+            order = [n for n in SERVER_NAMES if n in servers]
+            if round_no % 2:
+                order.reverse()
+            for name in order:
+                if name == "llama-cpp-python" and round_no >= args.lcp_rounds:
+                    continue
+                print(f"\n-- round {round_no + 1}/{args.rounds}", file=sys.stderr)
                 r = bench_one(name, s, args, log_dir)
                 if r is not None:
-                    results[name] = r
+                    runs.setdefault(name, []).append(r)
                 time.sleep(1.0)  # let the CPU settle between servers
     except KeyboardInterrupt:
         print("\ninterrupted; stopping the servers", file=sys.stderr)
@@ -346,6 +384,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         stop_all()
 
+    results = {name: combine_rounds(r) for name, r in runs.items()}
     if not results:
         print("no server could be benchmarked", file=sys.stderr)
         return 1

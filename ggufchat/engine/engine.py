@@ -14,7 +14,7 @@ from typing import Any
 
 from ggufchat.engine.loader import LoadedModel, LoadOptions
 from ggufchat.engine.sampling import check_grammar
-from ggufchat.engine.scheduler import Scheduler, Sequence
+from ggufchat.engine.scheduler import LoopEmitter, Scheduler, Sequence
 from ggufchat.engine.templates import ChatTemplate, Segment
 from ggufchat.engine.tokens import Tokenizer
 from ggufchat.engine.types import Delta, Event, Finish, GenerationRequest, Usage
@@ -201,12 +201,8 @@ class Engine:
     def submit_async(self, request: GenerationRequest) -> AsyncStream:
         """Submit from inside a running event loop; events arrive on that loop."""
         self._check(request)
-        loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
-
-        def emit(event: Event) -> None:
-            loop.call_soon_threadsafe(events.put_nowait, event)
-
+        emit = LoopEmitter(asyncio.get_running_loop(), events)
         seq = Sequence(request, emit, Usage(prompt_tokens=len(request.prompt_tokens),
                                             t_submit=time.perf_counter()))
         self.scheduler.submit(seq)

@@ -31,6 +31,24 @@ log = logging.getLogger(__name__)
 Emit = Callable[[Event], None]
 
 
+class LoopEmitter:
+    """Delivers a sequence's events to an asyncio queue. The scheduler hands a whole step's events for
+    one event loop over in a single call_soon_threadsafe: one wake-up of the loop per step instead of
+    one per sequence, each of which could preempt a decoding thread on a small machine."""
+
+    def __init__(self, loop, queue) -> None:
+        self.loop = loop
+        self.queue = queue
+
+    def __call__(self, event: Event) -> None:
+        self.loop.call_soon_threadsafe(self.queue.put_nowait, event)
+
+
+def _deliver(items: list) -> None:
+    for events, event in items:
+        events.put_nowait(event)
+
+
 @dataclass
 class Slot:
     seq_id: int
@@ -81,6 +99,7 @@ class Scheduler:
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._waiting: collections.deque[Sequence] = collections.deque()
         self._active: list[Sequence] = []
+        self._outbox: dict = {}  # event loop -> [(queue, event)] of this step, see LoopEmitter
         self._closing = False
         self._accepting = True  # submissions queue in the inbox until run() picks them up
         self._started = False
@@ -146,6 +165,7 @@ class Scheduler:
                 self._admit()
                 if self._active:
                     self._step(batch)
+                self._flush()
         except BaseException as exc:  # the loop must never die silently with requests pending
             log.exception("engine loop failed")
             self._fail_all(EngineStopped(f"the engine stopped: {exc}"))
@@ -155,6 +175,7 @@ class Scheduler:
             llama_cpp.llama_batch_free(batch)
             self._drain_inbox(block=False)
             self._fail_all(EngineStopped("the engine was closed"))
+            self._flush()
             self._stopped.set()
 
     def _drain_inbox(self, block: bool) -> None:
@@ -177,7 +198,7 @@ class Scheduler:
             for seq in self._waiting:
                 if seq.cancelled:
                     seq.usage.t_end = time.perf_counter()
-                    seq.emit(Finish("cancelled", seq.usage))
+                    self._emit(seq, Finish("cancelled", seq.usage))
                 else:
                     kept.append(seq)
             self._waiting = kept
@@ -304,6 +325,10 @@ class Scheduler:
             seq.next_token = tok
 
     def _emit(self, seq: Sequence, event: Event) -> None:
+        emit = seq.emit
+        if isinstance(emit, LoopEmitter):
+            self._outbox.setdefault(emit.loop, []).append((emit.queue, event, seq))
+            return
         try:
             seq.emit(event)
         except Exception:  # the consumer is gone (closed event loop): stop working for it
@@ -326,6 +351,17 @@ class Scheduler:
             seq.slot.last_used = seq.usage.t_end
         if seq in self._active:
             self._active.remove(seq)
+
+    def _flush(self) -> None:
+        if not self._outbox:
+            return
+        outbox, self._outbox = self._outbox, {}
+        for loop, items in outbox.items():
+            try:
+                loop.call_soon_threadsafe(_deliver, [(queue, event) for queue, event, _ in items])
+            except RuntimeError:  # the loop is closed: nobody will read these sequences again
+                for _, _, seq in items:
+                    seq.cancelled = True
 
     def _decode_failed(self, status: int) -> None:
         # The batch is lost; so are the sequences in it. Their slots start over so later requests
