@@ -74,10 +74,13 @@ class ModelHolder:
         self._idle_task: asyncio.Task | None = None
         self._load_task: asyncio.Task | None = None
         metrics.model_loaded.set(1 if engine is not None else 0)
-        metrics.watch(self._queue_depth, self._active)
+        metrics.watch(self._queue_depth, self._active, self._steps)
 
     def _queue_depth(self) -> float:
         return self.engine.scheduler.queue_depth if self.engine is not None else 0
+
+    def _steps(self) -> float:
+        return self.engine.scheduler.steps if self.engine is not None else 0
 
     def _active(self) -> float:
         return self.engine.scheduler.active_count if self.engine is not None else 0

@@ -4,19 +4,22 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1, 2.5, 5, 10, 30, 60)
 
 
 class Metrics:
     def __init__(self) -> None:
+        # The *_created series (a timestamp per counter) only double the page; Prometheus does not need them.
+        disable_created_metrics()
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.requests = Counter("ggufchat_requests", "HTTP requests by route and status.", ["route", "status"],
                                 registry=r)
         self.queue_depth = Gauge("ggufchat_queue_depth", "Sequences waiting for a free slot.", registry=r)
         self.active = Gauge("ggufchat_active_sequences", "Sequences being decoded.", registry=r)
+        self.steps = Gauge("ggufchat_engine_steps", "Batches decoded since the model was loaded.", registry=r)
         self.model_loaded = Gauge("ggufchat_model_loaded", "1 while the model is in memory.", registry=r)
         self.model_loads = Counter("ggufchat_model_loads", "Times the model was loaded.", registry=r)
         self.prompt_tokens = Counter("ggufchat_prompt_tokens", "Prompt tokens of finished sequences.",
@@ -36,10 +39,12 @@ class Metrics:
         self.itl = Histogram("ggufchat_inter_token_latency_seconds", "Time between a sequence's tokens.",
                              buckets=_LATENCY_BUCKETS, registry=r)
 
-    def watch(self, queue_depth: Callable[[], float], active: Callable[[], float]) -> None:
+    def watch(self, queue_depth: Callable[[], float], active: Callable[[], float],
+              steps: Callable[[], float]) -> None:
         """Read gauges from the engine at scrape time, not on every step."""
         self.queue_depth.set_function(queue_depth)
         self.active.set_function(active)
+        self.steps.set_function(steps)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
