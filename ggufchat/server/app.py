@@ -15,11 +15,13 @@ from ggufchat.server import errors
 from ggufchat.server.lifecycle import ModelHolder, ServerConfig
 from ggufchat.server.metrics import Metrics
 from ggufchat.server.middleware import ApiKeyAuth, BodyLimit, RequestMetrics
-from ggufchat.server.routes import openai, simple, system
+from ggufchat.server.routes import openai, simple, system, web
 from ggufchat.server.state import ServerState
 
 # Reachable without the API key: load balancers probe it.
 PUBLIC_PATHS = {"/health"}
+# GET only: the web page and its static files (they hold no secret; the page asks for the key).
+PUBLIC_GET_PATHS = web.PUBLIC_GET
 
 
 def create_app(config: ServerConfig, *, engine: Engine | None = None, factory: Callable[[], Engine] | None = None,
@@ -42,13 +44,13 @@ def create_app(config: ServerConfig, *, engine: Engine | None = None, factory: C
                               "GGUF model.")
     app.state.server = ServerState(config, holder, metrics)
     errors.install(app)
-    routers = (openai.router, simple.router, system.router)
+    routers = (openai.router, simple.router, system.router, web.router)
     for router in routers:
         app.include_router(router)
 
     # add_middleware wraps: the last added is the outermost.
     if config.api_keys:
-        app.add_middleware(ApiKeyAuth, keys=config.api_keys, exempt=PUBLIC_PATHS)
+        app.add_middleware(ApiKeyAuth, keys=config.api_keys, exempt=PUBLIC_PATHS, exempt_get=PUBLIC_GET_PATHS)
     app.add_middleware(BodyLimit, limit=config.max_body_bytes)
     if config.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=config.cors_origins, allow_methods=["GET", "POST"],

@@ -94,15 +94,19 @@ class BodyLimit:
 
 
 class ApiKeyAuth:
-    """With API keys set, every route except the exempt ones needs `Authorization: Bearer KEY`."""
+    """With API keys set, every route except the exempt ones needs `Authorization: Bearer KEY`.
+    `exempt_get`: paths public for GET and HEAD only (the web page at `/`, whose POST is an API)."""
 
-    def __init__(self, app: ASGIApp, keys: list[str], exempt: set[str]) -> None:
+    def __init__(self, app: ASGIApp, keys: list[str], exempt: set[str],
+                 exempt_get: frozenset[str] = frozenset()) -> None:
         self.app = app
         self.keys = [k.encode() for k in keys]
         self.exempt = exempt
+        self.exempt_get = exempt_get
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] in self.exempt or scope["method"] == "OPTIONS":
+        if scope["type"] != "http" or scope["path"] in self.exempt or scope["method"] == "OPTIONS" or (
+                scope["method"] in ("GET", "HEAD") and scope["path"] in self.exempt_get):
             return await self.app(scope, receive, send)
         header = dict(scope["headers"]).get(b"authorization", b"")
         scheme, _, token = header.partition(b" ")
