@@ -77,4 +77,7 @@ class Detokenizer:
         return self._decoder.decode(self._tokenizer.piece(token))
 
     def flush(self) -> str:
-        return self._decoder.decode(b"", final=True)
+        """The end of the sequence. Bytes still held back are the start of a character the generation
+        stopped inside (max_tokens, a cancel): dropped, not shown as U+FFFD."""
+        self._decoder.reset()
+        return ""

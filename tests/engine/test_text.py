@@ -51,6 +51,18 @@ def test_chinese_characters_spanning_tokens_come_out_whole(engine: Engine):
     assert pieces.count("") > 0
 
 
+def test_a_sequence_cut_inside_a_character_drops_the_partial_bytes(engine: Engine):
+    tokens = engine.tokenize("你好", add_special=False)
+    detok = Detokenizer(engine.tokenizer)
+    first = [detok.push(t) for t in tokens]
+    assert "".join(first) == "你好"
+    cut_at = next(i for i, p in enumerate(first) if p == "")  # a token that ends inside a character
+    detok = Detokenizer(engine.tokenizer)
+    pieces = [detok.push(t) for t in tokens[: cut_at + 1]] + [detok.flush()]
+    assert "".join(pieces) == "你好"[: len("".join(pieces))]  # whole characters only, no U+FFFD
+    assert "\ufffd" not in "".join(pieces)
+
+
 def test_chinese_through_the_engine(engine: Engine):
     # Make the model echo Chinese text: a raw completion prompt whose continuation is that text.
     text = "你好，世界！"
