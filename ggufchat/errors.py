@@ -85,3 +85,7 @@ class RequestTimeout(GgufchatError):
 
 class Unsupported(InvalidParameter):
     """A request asks for something this server does not do (rather than silently ignoring it)."""
+
+
+class BuildError(GgufchatError):
+    """`ggufchat build` cannot start (a missing toolkit, driver or compiler), failed, or built the wrong thing."""
