@@ -105,6 +105,7 @@ class Scheduler:
         self._started = False
         self._stopped = threading.Event()
         self.steps = 0
+        self.decode_seconds = 0.0  # time inside llama_decode: the rest of a step is our own overhead
 
     # Called from any thread.
     def submit(self, seq: Sequence) -> None:
@@ -265,7 +266,9 @@ class Scheduler:
         if n == 0:
             return
         batch.n_tokens = n
+        t0 = time.perf_counter()
         status = llama_cpp.llama_decode(self.model.ctx, batch)
+        self.decode_seconds += time.perf_counter() - t0
         self.steps += 1
         if status != 0:
             self._decode_failed(status)

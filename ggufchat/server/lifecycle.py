@@ -74,13 +74,16 @@ class ModelHolder:
         self._idle_task: asyncio.Task | None = None
         self._load_task: asyncio.Task | None = None
         metrics.model_loaded.set(1 if engine is not None else 0)
-        metrics.watch(self._queue_depth, self._active, self._steps)
+        metrics.watch(self._queue_depth, self._active, self._steps, self._decode_seconds)
 
     def _queue_depth(self) -> float:
         return self.engine.scheduler.queue_depth if self.engine is not None else 0
 
     def _steps(self) -> float:
         return self.engine.scheduler.steps if self.engine is not None else 0
+
+    def _decode_seconds(self) -> float:
+        return self.engine.scheduler.decode_seconds if self.engine is not None else 0
 
     def _active(self) -> float:
         return self.engine.scheduler.active_count if self.engine is not None else 0

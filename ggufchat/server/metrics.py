@@ -20,6 +20,8 @@ class Metrics:
         self.queue_depth = Gauge("ggufchat_queue_depth", "Sequences waiting for a free slot.", registry=r)
         self.active = Gauge("ggufchat_active_sequences", "Sequences being decoded.", registry=r)
         self.steps = Gauge("ggufchat_engine_steps", "Batches decoded since the model was loaded.", registry=r)
+        self.decode_seconds = Gauge("ggufchat_engine_decode_seconds", "Time spent in llama_decode since the "
+                                    "model was loaded.", registry=r)
         self.model_loaded = Gauge("ggufchat_model_loaded", "1 while the model is in memory.", registry=r)
         self.model_loads = Counter("ggufchat_model_loads", "Times the model was loaded.", registry=r)
         self.prompt_tokens = Counter("ggufchat_prompt_tokens", "Prompt tokens of finished sequences.",
@@ -40,11 +42,12 @@ class Metrics:
                              buckets=_LATENCY_BUCKETS, registry=r)
 
     def watch(self, queue_depth: Callable[[], float], active: Callable[[], float],
-              steps: Callable[[], float]) -> None:
+              steps: Callable[[], float], decode_seconds: Callable[[], float]) -> None:
         """Read gauges from the engine at scrape time, not on every step."""
         self.queue_depth.set_function(queue_depth)
         self.active.set_function(active)
         self.steps.set_function(steps)
+        self.decode_seconds.set_function(decode_seconds)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
