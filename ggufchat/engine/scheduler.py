@@ -9,6 +9,7 @@ prefill.
 
 from __future__ import annotations
 
+import bisect
 import collections
 import logging
 import queue
@@ -243,7 +244,10 @@ class Scheduler:
         )
         seq.detok = Detokenizer(self.tokenizer)
         seq.stops = StopMatcher(req.stop)
-        self._active.append(seq)
+        # Keep the batch in sequence-id order: llama.cpp decodes a batch whose sequence ids are out of
+        # order ~15-20% slower with a KV stream per sequence (measured: 8 sequences, slot 0 last in
+        # the batch: 150-185 t/s; in order: 195-220 t/s). Slots are taken in any order, so sort here.
+        bisect.insort(self._active, seq, key=lambda s: s.slot.seq_id)
 
     def _step(self, batch) -> None:
         n = 0

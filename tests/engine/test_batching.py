@@ -192,3 +192,20 @@ def test_async_streams_match_sync_and_cancel(fresh: Engine):
     got, reason = asyncio.run(main())
     assert got == expected
     assert reason == "cancelled"
+
+
+def test_batch_holds_sequences_in_slot_order_whatever_order_slots_were_taken(fresh: Engine):
+    # llama.cpp decodes a batch whose sequence ids are out of order markedly slower (see Scheduler._bind),
+    # and slots are taken least-recently-used first: make the LRU order the reverse of the id order.
+    seen: list[list[int]] = []
+    for i, slot in enumerate(fresh.scheduler.slots):
+        slot.last_used = float(N_SEQ - i)
+    streams = [fresh.submit(GenerationRequest(chat(fresh, p), SamplingParams.greedy(), max_tokens=4))
+               for p in PROMPTS]
+    while any(s.finish is None for s in streams):
+        fresh.scheduler.call(lambda: seen.append([s.slot.seq_id for s in fresh.scheduler._active])).wait()
+        for s in streams:
+            if s.finish is None:
+                next(iter(s), None)
+    assert any(len(ids) > 1 for ids in seen)
+    assert all(ids == sorted(ids) for ids in seen)
