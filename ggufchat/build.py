@@ -362,33 +362,18 @@ def failure(plan: BuildPlan, status: int, log_path: Path) -> BuildError:
 # --- verification ------------------------------------------------------------------------------------
 
 # Runs in a fresh interpreter: the calling process still has the old shared libraries loaded.
-# The bindings do not wrap ggml's backend registry, so it is read from libggml with ctypes
-# (as ggufchat/engine/devices.py does).
 PROBE = """\
-import ctypes, json, pathlib, llama_cpp
-llama_cpp.llama_backend_init()
-lib = pathlib.Path(llama_cpp.__file__).parent / "lib"
-ggml = ctypes.CDLL(str(next(lib.glob("libggml.so*"), lib / "libggml.so")))
-base = ctypes.CDLL(str(next(lib.glob("libggml-base.so*"), lib / "libggml-base.so")))
-ggml.ggml_backend_reg_count.restype = ctypes.c_size_t
-ggml.ggml_backend_reg_get.restype = ctypes.c_void_p
-ggml.ggml_backend_reg_get.argtypes = [ctypes.c_size_t]
-ggml.ggml_backend_dev_count.restype = ctypes.c_size_t
-ggml.ggml_backend_dev_get.restype = ctypes.c_void_p
-ggml.ggml_backend_dev_get.argtypes = [ctypes.c_size_t]
-for f in ("ggml_backend_reg_name", "ggml_backend_dev_description"):
-    getattr(base, f).restype = ctypes.c_char_p
-    getattr(base, f).argtypes = [ctypes.c_void_p]
+import json, llama_cpp
+from ggufchat.engine import devices
+info = devices.system_info()
 print(json.dumps({
     "version": llama_cpp.__version__,
-    "library": str(lib),
-    "gpu_offload": bool(llama_cpp.llama_supports_gpu_offload()),
-    "rpc": bool(llama_cpp.llama_supports_rpc()),
-    "backends": [base.ggml_backend_reg_name(ggml.ggml_backend_reg_get(i)).decode()
-                 for i in range(ggml.ggml_backend_reg_count())],
-    "devices": [base.ggml_backend_dev_description(ggml.ggml_backend_dev_get(i)).decode()
-                for i in range(ggml.ggml_backend_dev_count())],
-    "system_info": llama_cpp.llama_print_system_info().decode().strip(" |"),
+    "library": str(devices.library_folder()),
+    "gpu_offload": info["gpu_offload"],
+    "rpc": info["rpc"],
+    "backends": devices.list_backends(),
+    "devices": [d.description for d in devices.list_devices()],
+    "system_info": info["system_info"],
 }))
 """
 

@@ -26,14 +26,21 @@ class Device:
     total_bytes: int
 
 
+def library_folder() -> Path:
+    return Path(llama_cpp.__file__).parent / "lib"
+
+
 def _libs() -> tuple[ctypes.CDLL, ctypes.CDLL]:
-    folder = Path(llama_cpp.__file__).parent / "lib"
+    folder = library_folder()
     base = ctypes.CDLL(str(folder / "libggml-base.so"))
     reg = ctypes.CDLL(str(folder / "libggml.so"))
     reg.ggml_backend_dev_count.restype = ctypes.c_size_t
     reg.ggml_backend_dev_get.restype = ctypes.c_void_p
     reg.ggml_backend_dev_get.argtypes = [ctypes.c_size_t]
-    for fn in ("ggml_backend_dev_name", "ggml_backend_dev_description"):
+    reg.ggml_backend_reg_count.restype = ctypes.c_size_t
+    reg.ggml_backend_reg_get.restype = ctypes.c_void_p
+    reg.ggml_backend_reg_get.argtypes = [ctypes.c_size_t]
+    for fn in ("ggml_backend_dev_name", "ggml_backend_dev_description", "ggml_backend_reg_name"):
         getattr(base, fn).restype = ctypes.c_char_p
         getattr(base, fn).argtypes = [ctypes.c_void_p]
     base.ggml_backend_dev_type.restype = ctypes.c_int
@@ -60,6 +67,14 @@ def list_devices() -> list[Device]:
             total_bytes=total.value,
         ))
     return out
+
+
+def list_backends() -> list[str]:
+    """The ggml backends this build registered (CPU, CUDA, RPC, ...)."""
+    init_backend()
+    base, reg = _libs()
+    return [(base.ggml_backend_reg_name(reg.ggml_backend_reg_get(i)) or b"").decode()
+            for i in range(reg.ggml_backend_reg_count())]
 
 
 def system_info() -> dict[str, object]:

@@ -50,9 +50,6 @@ class LoopEmitter:
         self.loop = loop
         self.queue = queue
 
-    def __call__(self, event: Event) -> None:
-        self.loop.call_soon_threadsafe(self.queue.put_nowait, event)
-
 
 def _deliver(items: list, delivered: threading.Event) -> None:
     for events, event in items:
@@ -75,7 +72,7 @@ class Sequence:
     """A request while the engine works on it. Mutated only by the engine thread, except `cancelled`."""
 
     request: GenerationRequest
-    emit: Emit
+    emit: Emit | LoopEmitter
     usage: Usage
     cancelled: bool = False
     slot: Slot | None = None

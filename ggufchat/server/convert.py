@@ -97,22 +97,22 @@ def grammar_for(fmt: ResponseFormat | None) -> str | None:
                           param="response_format") from exc
 
 
-def sampling_params(req: _Sampling, grammar: str | None, seed_offset: int = 0) -> SamplingParams:
+# Request fields copied to SamplingParams under the same name when the client sets them.
+_SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "repeat_penalty", "presence_penalty",
+                    "frequency_penalty")
+
+
+def _sampling(req, fields: tuple[str, ...]) -> SamplingParams:
     params = SamplingParams()
-    if req.temperature is not None:
-        params.temperature = req.temperature
-    if req.top_p is not None:
-        params.top_p = req.top_p
-    if req.top_k is not None:
-        params.top_k = req.top_k
-    if req.min_p is not None:
-        params.min_p = req.min_p
-    if req.repeat_penalty is not None:
-        params.repeat_penalty = req.repeat_penalty
-    if req.presence_penalty is not None:
-        params.presence_penalty = req.presence_penalty
-    if req.frequency_penalty is not None:
-        params.frequency_penalty = req.frequency_penalty
+    for name in fields:
+        value = getattr(req, name)
+        if value is not None:
+            setattr(params, name, value)
+    return params
+
+
+def sampling_params(req: _Sampling, grammar: str | None, seed_offset: int = 0) -> SamplingParams:
+    params = _sampling(req, _SAMPLING_FIELDS)
     if req.seed is not None and req.seed != -1:  # -1: random, as in llama.cpp
         if req.seed < 0:
             raise InvalidParameter("seed must be >= 0 (or -1 for a random one)", param="seed")
@@ -158,11 +158,7 @@ def _fan_out(req: _Sampling, prompt_tokens: list[int], max_tokens: int | None,
 
 
 def simple_request(req: SimpleRequest, prompt_tokens: list[int], default_max_tokens: int) -> GenerationRequest:
-    params = SamplingParams()
-    if req.temperature is not None:
-        params.temperature = req.temperature
-    if req.top_p is not None:
-        params.top_p = req.top_p
+    params = _sampling(req, ("temperature", "top_p"))
     params.validate()
     max_tokens = req.max_tokens or req.max_length or default_max_tokens
     return GenerationRequest(prompt_tokens=prompt_tokens, sampling=params, max_tokens=max_tokens)

@@ -7,11 +7,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 from starlette.requests import Request
 
-from ggufchat.engine.engine import AsyncStream
+from ggufchat.engine.engine import AsyncStream, Engine
 from ggufchat.engine.types import Delta, Event, Finish, GenerationRequest
 from ggufchat.errors import RequestTimeout
 from ggufchat.server.convert import Choice
@@ -53,6 +53,18 @@ class Generation:
         if watch_disconnect and http_request is not None:
             gen._watcher = asyncio.create_task(gen._watch(http_request))
         return gen
+
+    @classmethod
+    async def open(cls, holder: ModelHolder, http_request: Request, n_seq: int,
+                   build: Callable[[Engine], list[GenerationRequest]], *, stream: bool) -> Generation:
+        """Lease the engine for n_seq sequences, build the requests with it, and start them. Streams are
+        cancelled on disconnect by starlette; other responses by a watcher of the connection."""
+        lease = await holder.lease(n_seq)
+        try:
+            return await cls.start(holder, lease, build(lease.engine), http_request, watch_disconnect=not stream)
+        except BaseException:
+            lease.release()
+            raise
 
     async def _watch(self, request: Request) -> None:
         # The body has been read, so the next message is http.disconnect: either the client left, or

@@ -18,7 +18,9 @@ CHROMIUM = Path(os.environ.get("GGUFCHAT_CHROMIUM", "/usr/bin/chromium"))
 ARTIFACTS = Path(__file__).resolve().parents[2] / "artifacts" / "web"
 
 
-@pytest.fixture(scope="session")
+# Package scope: playwright's sync API keeps an event loop running in the main thread while it is open,
+# which would break asyncio.run() in any test that happens to run after the web tests.
+@pytest.fixture(scope="package")
 def browser():
     try:
         from playwright.sync_api import sync_playwright
@@ -34,7 +36,7 @@ def browser():
         browser.close()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def web_url(engine) -> Iterator[str]:
     """A server without API key for the page tests."""
     with serve(engine) as url:

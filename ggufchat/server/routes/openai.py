@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
 
 from ggufchat.server import convert
 from ggufchat.server.generation import Generation
@@ -18,14 +19,8 @@ router = APIRouter(tags=["OpenAI"])
 async def chat_completions(body: ChatCompletionRequest, request: Request,
                            srv: ServerState = Depends(server_state)):
     """Chat completion (OpenAI API); `stream: true` for server-sent events."""
-    lease = await srv.holder.lease(body.n)
-    try:
-        tokens = lease.engine.chat_tokens(convert.chat_messages(body.messages))
-        requests = convert.chat_requests(body, tokens)
-        gen = await Generation.start(srv.holder, lease, requests, request, watch_disconnect=not body.stream)
-    except BaseException:
-        lease.release()
-        raise
+    gen = await Generation.open(srv.holder, request, body.n, lambda engine: convert.chat_requests(
+        body, engine.chat_tokens(convert.chat_messages(body.messages))), stream=body.stream)
     rid = convert.new_id("chatcmpl")
     model = srv.config.model_id
     if body.stream:
@@ -38,21 +33,19 @@ async def chat_completions(body: ChatCompletionRequest, request: Request,
 async def completions(body: CompletionRequest, request: Request, srv: ServerState = Depends(server_state)):
     """Text completion (OpenAI API): the prompt is continued as is, no chat template."""
     prompt = convert.completion_prompt(body.prompt)
-    lease = await srv.holder.lease(body.n)
-    try:
-        engine = lease.engine
+    echo = ""
+
+    def build(engine):
+        nonlocal echo
         if isinstance(prompt, str):
             tokens = engine.tokenize(prompt, add_special=True, parse_special=True)
-            echo = prompt
+            echo = prompt if body.echo else ""
         else:
             tokens = prompt
             echo = engine.detokenize(prompt) if body.echo else ""
-        requests = convert.completion_requests(body, tokens)
-        gen = await Generation.start(srv.holder, lease, requests, request, watch_disconnect=not body.stream)
-    except BaseException:
-        lease.release()
-        raise
-    echo = echo if body.echo else ""
+        return convert.completion_requests(body, tokens)
+
+    gen = await Generation.open(srv.holder, request, body.n, build, stream=body.stream)
     rid = convert.new_id("cmpl")
     model = srv.config.model_id
     if body.stream:
@@ -70,8 +63,6 @@ async def models(srv: ServerState = Depends(server_state)):
 @router.get("/v1/models/{model_id:path}")
 async def model(model_id: str, srv: ServerState = Depends(server_state)):
     """One model by id (only the served one exists)."""
-    from starlette.exceptions import HTTPException
-
     if model_id != srv.config.model_id:
         raise HTTPException(404, f"no model {model_id!r}; this server serves {srv.config.model_id!r}")
     return model_card(srv)

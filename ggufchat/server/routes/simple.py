@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import PlainTextResponse
 
+from ggufchat.engine import Engine
 from ggufchat.engine.types import GenerationRequest
 from ggufchat.server import convert
 from ggufchat.server.generation import Generation
@@ -17,14 +19,8 @@ from ggufchat.server.state import ServerState, server_state
 router = APIRouter(tags=["Simple"])
 
 
-async def _reply(srv: ServerState, request: Request, build) -> str:
-    lease = await srv.holder.lease(1)
-    try:
-        gen_request: GenerationRequest = build(lease.engine)
-        gen = await Generation.start(srv.holder, lease, [gen_request], request, watch_disconnect=True)
-    except BaseException:
-        lease.release()
-        raise
+async def _reply(srv: ServerState, request: Request, build: Callable[[Engine], GenerationRequest]) -> str:
+    gen = await Generation.open(srv.holder, request, 1, lambda engine: [build(engine)], stream=False)
     return (await collect(gen))[0].content
 
 
