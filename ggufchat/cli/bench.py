@@ -29,6 +29,7 @@ def bench(
     ubatch_size: o.UBatchSize = 512,
     cache_type_k: o.CacheTypeK = "f16",
     cache_type_v: o.CacheTypeV = "f16",
+    rpc: o.Rpc = None,
 ) -> None:
     """Measure prefill and decode tokens/s (1 sequence, then several in one batch)."""
     from ggufchat.bench import run_bench
@@ -38,7 +39,7 @@ def bench(
         model=o.pick_model(model_arg, model), n_gpu_layers=n_gpu_layers, flash_attn=flash_attn,
         ctx_size=0, threads=threads, batch_size=batch_size, ubatch_size=ubatch_size,
         cache_type_k=cache_type_k, cache_type_v=cache_type_v, split_mode="layer", tensor_split=None,
-        main_gpu=0, seed=0, n_seq_max=max(counts),
+        main_gpu=0, seed=0, n_seq_max=max(counts), rpc=rpc,
     )
     results = run_bench(load, n_prompt=n_prompt, n_gen=n_gen, n_pp_batched=n_pp_batched, counts=counts,
                         repetitions=repetitions)

@@ -15,7 +15,8 @@ def build(
     cpu: Annotated[bool, typer.Option("--cpu", help="Go back to a CPU-only build.")] = False,
     cuda_arch: Annotated[str | None, typer.Option("--cuda-arch", metavar="LIST", help="CUDA compute capabilities, "
                                                   "e.g. '80;86;90' or native (default: llama.cpp's list).")] = None,
-    rpc: Annotated[bool, typer.Option("--rpc", help="Also build the RPC backend (with --cuda or --cpu).")] = False,
+    rpc: Annotated[bool, typer.Option("--rpc/--no-rpc", help="Build llama.cpp's RPC backend too, for "
+                                      "`rpc-worker` and --rpc (as `make install` does).")] = True,
     jobs: Annotated[int | None, typer.Option("-j", "--jobs", help="Parallel compile jobs (default: CPU "
                                              "count).")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the commands and environment; run "

@@ -22,7 +22,7 @@ _RAW = "Raw mode (llama-cli compatible)"
 def _announce(engine: Engine) -> None:
     m = engine.model
     print(f"ggufchat: model {m.path} ({m.description()}, template {engine.template.name}, "
-          f"context {engine.n_ctx_seq} tokens)", file=sys.stderr)
+          f"context {engine.n_ctx_seq} tokens, {m.offload_summary()})", file=sys.stderr)
 
 
 def _use_color(flag: bool | None) -> bool:
@@ -81,6 +81,7 @@ def chat(
     split_mode: o.SplitMode = "layer",
     tensor_split: o.TensorSplit = None,
     main_gpu: o.MainGpu = 0,
+    rpc: o.Rpc = None,
     chat_template: o.ChatTemplateName = None,
     chat_template_file: o.ChatTemplateFile = None,
     seed: o.Seed = None,
@@ -129,7 +130,7 @@ def chat(
         model=o.pick_model(model_arg, model), n_gpu_layers=n_gpu_layers, flash_attn=flash_attn,
         ctx_size=ctx_size, threads=threads, batch_size=batch_size, ubatch_size=ubatch_size,
         cache_type_k=cache_type_k, cache_type_v=cache_type_v, split_mode=split_mode,
-        tensor_split=tensor_split, main_gpu=main_gpu, seed=seed, pull=pull,
+        tensor_split=tensor_split, main_gpu=main_gpu, seed=seed, pull=pull, rpc=rpc,
     )
     with Engine(load, chat_template=chat_template, chat_template_file=chat_template_file) as engine:
         _announce(engine)

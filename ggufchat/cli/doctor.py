@@ -20,7 +20,8 @@ def _pkg(name: str) -> str:
         return "not installed"
 
 
-def collect() -> dict:
+def collect(rpc_servers: list[str] | None = None) -> dict:
+    from ggufchat.engine import rpc
     from ggufchat.engine.devices import list_devices, system_info
     from ggufchat.models.embedded import embedded_model_path
     from ggufchat.settings import load_settings
@@ -32,6 +33,7 @@ def collect() -> dict:
     except GgufchatError as exc:
         default_model = {"error": str(exc)}
     settings = load_settings()
+    devices = list_devices(remote=rpc.connect(rpc_servers or []))
     return {
         "versions": {
             "ggufchat": __version__,
@@ -42,8 +44,8 @@ def collect() -> dict:
         },
         "platform": platform.platform(),
         "llama_cpp": info,
-        "devices": [d.__dict__ for d in list_devices()],
-        "cuda_devices": [d.description for d in list_devices() if d.kind == "gpu" and "CUDA" in d.name],
+        "devices": [{k: v for k, v in d.__dict__.items() if k != "handle"} for d in devices],
+        "cuda_devices": [d.description for d in devices if d.kind == "gpu" and "CUDA" in d.name],
         "default_model": default_model,
         "home": str(settings.home),
     }
@@ -51,9 +53,13 @@ def collect() -> dict:
 
 def doctor(
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+    rpc: Annotated[str | None, typer.Option("--rpc", help="Also list the devices of these rpc-workers "
+                                            "(host:port[,host:port...]).")] = None,
 ) -> None:
     """Show llama.cpp's build features, devices, versions and the default model."""
-    report = collect()
+    from ggufchat.engine.rpc import parse_endpoints
+
+    report = collect(parse_endpoints(rpc))
     if as_json:
         print(json.dumps(report, indent=2))
         return
@@ -67,11 +73,14 @@ def doctor(
     con.print(f"platform      {report['platform']}")
     ll = report["llama_cpp"]
     con.print(f"llama.cpp     {ll['system_info']}")
-    offload = "[green]yes[/]" if ll["gpu_offload"] else "[yellow]no (CPU-only build)[/]"
-    con.print(f"GPU offload   {offload}    RPC {'yes' if ll['rpc'] else 'no'}")
-    table = Table("device", "kind", "description", "free", "total", box=None)
+    offload = (f"[green]yes[/] ({', '.join(ll['gpu_backends'])})" if ll["gpu_offload"]
+               else "[yellow]no (CPU-only build)[/]")
+    rpc_state = "yes (`ggufchat rpc-worker`, --rpc)" if ll["rpc"] else "no"
+    con.print(f"GPU offload   {offload}    RPC {rpc_state}")
+    table = Table("device", "backend", "kind", "description", "free", "total", box=None)
     for d in report["devices"]:
-        table.add_row(d["name"], d["kind"], d["description"], _gib(d["free_bytes"]), _gib(d["total_bytes"]))
+        table.add_row(d["name"], d["backend"], d["kind"], d["description"], _gib(d["free_bytes"]),
+                      _gib(d["total_bytes"]))
     con.print(table)
     if not report["cuda_devices"]:
         con.print("CUDA devices  none visible")

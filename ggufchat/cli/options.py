@@ -50,6 +50,9 @@ TensorSplit = Annotated[str | None, typer.Option(
 MainGpu = Annotated[int, typer.Option(
     "-mg", "--main-gpu", help="GPU for the whole model (split none) or for intermediates (row).",
     rich_help_panel=_ENGINE)]
+Rpc = Annotated[str | None, typer.Option(
+    "--rpc", help="Split the model over `ggufchat rpc-worker`s: host:port[,host:port...]. The RPC protocol "
+    "has no authentication: private networks only.", rich_help_panel=_ENGINE)]
 ChatTemplateName = Annotated[str | None, typer.Option(
     "--chat-template", help="Built-in template instead of the model's: chatml, qwen, llama-3, llama-2, "
     "gemma, mistral, phi-3.", rich_help_panel=_ENGINE)]
@@ -76,7 +79,9 @@ FrequencyPenalty = Annotated[float, typer.Option("--frequency-penalty", help="Fr
 def load_options(*, model: str | None, n_gpu_layers: str, flash_attn: str, ctx_size: int, threads: int,
                  batch_size: int, ubatch_size: int, cache_type_k: str, cache_type_v: str, split_mode: str,
                  tensor_split: str | None, main_gpu: int, seed: int | None, n_seq_max: int = 1,
-                 pull: bool = False) -> LoadOptions:
+                 pull: bool = False, rpc: str | None = None) -> LoadOptions:
+    from ggufchat.engine.rpc import parse_endpoints
+
     options = LoadOptions(
         model_path=_model_path(model, pull),
         n_gpu_layers=parse_gpu_layers(n_gpu_layers),
@@ -92,6 +97,7 @@ def load_options(*, model: str | None, n_gpu_layers: str, flash_attn: str, ctx_s
         split_mode=split_mode.lower(),
         tensor_split=parse_tensor_split(tensor_split),
         main_gpu=main_gpu,
+        rpc_servers=parse_endpoints(rpc),
     )
     options.validate()
     return options

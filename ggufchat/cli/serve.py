@@ -62,6 +62,7 @@ def serve(
     split_mode: o.SplitMode = "layer",
     tensor_split: o.TensorSplit = None,
     main_gpu: o.MainGpu = 0,
+    rpc: o.Rpc = None,
     chat_template: o.ChatTemplateName = None,
     chat_template_file: o.ChatTemplateFile = None,
     seed: o.Seed = None,
@@ -81,7 +82,7 @@ def serve(
         model=spec, n_gpu_layers=n_gpu_layers, flash_attn=flash_attn, ctx_size=ctx_size, threads=threads,
         batch_size=batch_size, ubatch_size=ubatch_size, cache_type_k=cache_type_k, cache_type_v=cache_type_v,
         split_mode=split_mode, tensor_split=tensor_split, main_gpu=main_gpu, seed=seed, n_seq_max=parallel,
-        pull=pull,
+        pull=pull, rpc=rpc,
     )
     # A file that is not a GGUF fails here, before the port is taken.
     from ggufchat.models.gguf import read_gguf

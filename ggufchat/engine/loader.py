@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +36,7 @@ SPLIT_MODES = {
     "row": llama_cpp.LLAMA_SPLIT_MODE_ROW,
 }
 DEFAULT_CTX_PER_SEQ = 4096
+logger = logging.getLogger(__name__)
 
 
 def default_threads() -> int:
@@ -66,6 +68,7 @@ class LoadOptions:
     split_mode: str = "layer"
     tensor_split: list[float] = field(default_factory=list)
     main_gpu: int = 0
+    rpc_servers: list[str] = field(default_factory=list)  # host:port of `ggufchat rpc-worker`s
     use_mmap: bool = True
 
     def validate(self) -> None:
@@ -108,14 +111,16 @@ def parse_gpu_layers(value: str | int) -> int | str:
     return "all" if n < 0 else n
 
 
-def resolve_gpu_layers(value: str | int) -> int:
-    """The n_gpu_layers llama.cpp gets. "auto" offloads everything when the build can offload at all
-    and nothing on a CPU-only build."""
+def resolve_gpu_layers(value: str | int, n_offload_devices: int, fit=None) -> int:
+    """The n_gpu_layers llama.cpp gets. With no device to offload to, 0 whatever was asked; "auto"
+    takes what `fit()` (engine/fit.py) says fits the devices' free memory."""
     parsed = parse_gpu_layers(value)
+    if n_offload_devices == 0:
+        return 0
     if parsed == "all":
         return -1
     if parsed == "auto":
-        return -1 if llama_cpp.llama_supports_gpu_offload() else 0
+        return fit().n_gpu_layers if fit else -1
     return int(parsed)
 
 
@@ -175,9 +180,24 @@ class LoadedModel:
         self.n_vocab = llama_cpp.llama_vocab_n_tokens(self.vocab)
 
     def _load_model(self):
+        from ggufchat.engine import rpc  # imports this module
+
         o = self.options
         params = llama_cpp.llama_model_default_params()
-        params.n_gpu_layers = resolve_gpu_layers(o.n_gpu_layers)
+        offload = self._offload_devices()
+        self.offload_devices = [d.name if d.name == d.description or not d.remote else f"{d.name} {d.description}"
+                                for d in offload]
+        self.fit = None
+        if parse_gpu_layers(o.n_gpu_layers) == "auto" and offload:
+            self.fit = self._fit(offload)
+        params.n_gpu_layers = self.n_gpu_layers = resolve_gpu_layers(o.n_gpu_layers, len(offload),
+                                                                     lambda: self.fit)
+        if rpc.any_registered():
+            # RPC devices stay in ggml's registry for the process's life: name this load's devices so a
+            # later load without --rpc (or with other workers) does not pick them up.
+            arr = (ctypes.c_void_p * (len(offload) + 1))(*[d.handle for d in offload], None)
+            self._devices = arr
+            params.devices = ctypes.cast(arr, ctypes.c_void_p).value
         params.split_mode = SPLIT_MODES[o.split_mode]
         params.main_gpu = o.main_gpu
         params.use_mmap = o.use_mmap
@@ -192,6 +212,32 @@ class LoadedModel:
         if not model:
             raise _load_failure(f"llama.cpp could not load {self.path}", InvalidModelFile)
         return model
+
+    def _offload_devices(self) -> list:
+        """Where layers can go, in llama.cpp's default order: RPC workers first, then this machine's
+        GPUs (integrated ones only when there is no discrete one)."""
+        from ggufchat.engine import rpc
+        from ggufchat.engine.devices import list_devices
+
+        wanted = rpc.connect(self.options.rpc_servers)
+        devices = list_devices(remote=wanted)
+        by_handle = {d.handle: d for d in devices}
+        workers = [by_handle[h] for h in wanted]
+        local = [d for d in devices if not d.remote]
+        gpus = [d for d in local if d.kind == "gpu"] or [d for d in local if d.kind == "igpu"]
+        return workers + gpus
+
+    def _fit(self, offload: list):
+        from ggufchat.engine.fit import fit_layers, model_sizes
+
+        o = self.options
+        per_seq = min(self.info.context_length or DEFAULT_CTX_PER_SEQ, DEFAULT_CTX_PER_SEQ)
+        fit = fit_layers(model_sizes(self.info), [d.free_bytes for d in offload],
+                         n_ctx=o.n_ctx or per_seq * o.n_seq_max, n_ubatch=min(o.n_ubatch, o.n_batch),
+                         n_seq=o.n_seq_max, flash_attn=o.flash_attn != "off",
+                         cache_type_k=o.cache_type_k, cache_type_v=o.cache_type_v)
+        logger.info(fit.summary)
+        return fit
 
     def _new_context(self):
         o = self.options
@@ -215,6 +261,14 @@ class LoadedModel:
             raise _load_failure("llama.cpp could not create a context", ModelLoadError,
                                 hint="Lower -c/--ctx-size or -np, or use a quantized KV cache (-ctk q8_0).")
         return ctx
+
+    def offload_summary(self) -> str:
+        """Where the layers went, e.g. '31/31 layers on CUDA0' or 'CPU only'."""
+        total = llama_cpp.llama_model_n_layer(self.model) + 1  # llama.cpp counts the output head as one
+        on = total if self.n_gpu_layers < 0 else min(self.n_gpu_layers, total)
+        if not self.offload_devices or on == 0:
+            return "CPU only"
+        return f"{on}/{total} layers on {', '.join(self.offload_devices)}"
 
     # Metadata the rest of the engine needs.
     def meta(self, key: str) -> str | None:

@@ -163,7 +163,8 @@ class ModelHolder:
                     raise
                 self.metrics.model_loads.inc()
                 self.metrics.model_loaded.set(1)
-                log.info("model loaded in %.1f s", time.perf_counter() - t0)
+                log.info("model loaded in %.1f s (%s)", time.perf_counter() - t0,
+                         self.engine.model.offload_summary())
             self.state = "ready"
             self.error = None
             return self.engine

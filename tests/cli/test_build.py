@@ -73,7 +73,8 @@ def test_dry_run_cuda(tmp_path):
     result = run_cli("build", "--cuda", "--dry-run", env=_env(tmp_path))
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
-    assert "export CMAKE_ARGS=-DGGML_CUDA=on" in lines
+    # RPC is on by default, as in `make install`: a GPU rebuild must not lose `rpc-worker` / --rpc.
+    assert "export CMAKE_ARGS='-DGGML_CUDA=on -DGGML_RPC=on'" in lines
     assert f"export CMAKE_BUILD_PARALLEL_LEVEL={default_jobs()}" in lines
     assert PIP in lines
     assert any(x.startswith(f"{shlex.quote(sys.executable)} -I -c ") for x in lines)  # the fresh-process check
@@ -92,7 +93,7 @@ def test_dry_run_cuda_arch_rpc_jobs(tmp_path):
 
 
 def test_dry_run_cpu(tmp_path):
-    result = run_cli("build", "--cpu", "--dry-run", env=_env(tmp_path, CMAKE_ARGS="-DGGML_CUDA=on"))
+    result = run_cli("build", "--cpu", "--no-rpc", "--dry-run", env=_env(tmp_path, CMAKE_ARGS="-DGGML_CUDA=on"))
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     # Set empty on purpose: an exported CMAKE_ARGS must not sneak CUDA back in.
@@ -102,7 +103,7 @@ def test_dry_run_cpu(tmp_path):
 
 
 def test_dry_run_cpu_rpc(tmp_path):
-    result = run_cli("build", "--cpu", "--rpc", "-j", "3", "--dry-run", env=_env(tmp_path))
+    result = run_cli("build", "--cpu", "-j", "3", "--dry-run", env=_env(tmp_path))
     assert result.returncode == 0, result.stderr
     assert "export CMAKE_ARGS=-DGGML_RPC=on" in result.stdout.splitlines()
     assert "export CMAKE_BUILD_PARALLEL_LEVEL=3" in result.stdout.splitlines()
