@@ -84,6 +84,37 @@ class ChainSampler(Sampler):
             self.chain = None
 
 
+# llama_get_logits_ith returning a plain address: the bindings' LP_c_float result would need
+# np.ctypeslib.as_array, which builds a ctypes array type on every call (~25 us, a fifth of the
+# engine's Python time per single-sequence step).
+_logits_ith = llama_cpp.llama_cpp._lib["llama_get_logits_ith"]  # a fresh function object, not the bindings'
+_logits_ith.argtypes = [ctypes.c_void_p, ctypes.c_int32]
+_logits_ith.restype = ctypes.c_void_p
+
+
+class LogitsRows:
+    """numpy views of logits rows, by address. A view is made the first time llama.cpp hands out a row
+    address and reused after; only the address it has just returned is ever read, so a view left over
+    from a reallocated buffer is never looked at."""
+
+    _MAX = 1024
+
+    def __init__(self, n_vocab: int) -> None:
+        self.row_type = ctypes.c_float * n_vocab
+        self.views: dict[int, np.ndarray] = {}
+
+    def row(self, ctx, batch_index: int) -> np.ndarray:
+        addr = _logits_ith(ctx, batch_index)
+        if not addr:
+            raise RuntimeError(f"llama.cpp has no logits for batch index {batch_index}")
+        view = self.views.get(addr)
+        if view is None:
+            if len(self.views) >= self._MAX:
+                self.views.clear()
+            view = self.views[addr] = np.frombuffer(self.row_type.from_address(addr), dtype=np.float32)
+        return view
+
+
 class ArgmaxSampler(Sampler):
     """Plain greedy decoding, straight off the logits: llama.cpp's greedy chain first copies the whole
     vocabulary into a candidate array (~110 us a token here), an argmax over the row takes ~15 us.
@@ -92,10 +123,10 @@ class ArgmaxSampler(Sampler):
     def __init__(self, n_vocab: int, banned_tokens: list[int] | None) -> None:
         self.n_vocab = n_vocab
         self.banned = np.array(banned_tokens or [], dtype=np.int64)
+        self.rows = LogitsRows(n_vocab)
 
     def sample(self, ctx, batch_index: int) -> int:
-        ptr = llama_cpp.llama_get_logits_ith(ctx, batch_index)
-        logits = np.ctypeslib.as_array(ptr, shape=(self.n_vocab,))
+        logits = self.rows.row(ctx, batch_index)
         if self.banned.size:
             logits[self.banned] = -np.inf  # this step's logits row; nothing reads it after us
         return int(logits.argmax())
