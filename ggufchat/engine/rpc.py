@@ -37,7 +37,7 @@ def supported() -> bool:
 def require_support() -> None:
     if not supported():
         raise RpcError("this llama-cpp-python was built without RPC support",
-                       hint="Rebuild it with `ggufchat build --cpu --rpc` (or `--cuda --rpc`).")
+                       hint="Rebuild it with `ggufchat build --cpu` (or `--cuda`); both include the RPC backend.")
 
 
 def parse_endpoints(text: str | list[str] | None) -> list[str]:
@@ -91,7 +91,7 @@ def _rpc_reg(lib_reg) -> int:
     reg = lib_reg.ggml_backend_reg_by_name(b"RPC")
     if not reg:
         raise RpcError("llama.cpp's RPC backend is not registered in this build",
-                       hint="Rebuild with `ggufchat build --cpu --rpc` (or `--cuda --rpc`).")
+                       hint="Rebuild with `ggufchat build --cpu` (or `--cuda`); both include the RPC backend.")
     return reg
 
 

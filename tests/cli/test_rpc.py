@@ -201,3 +201,15 @@ def test_worker_unknown_device():
     result = run_cli("rpc-worker", "--port", str(_free_port()), "--device", "CUDA7")
     assert result.returncode == 1
     assert result.stderr.strip().startswith("Error: no device named CUDA7; this machine has CPU")
+
+
+def test_a_build_without_rpc_says_how_to_get_it(monkeypatch):
+    # The one seam faked here: this machine's library has RPC, so pretend it was built without.
+    import llama_cpp
+
+    from ggufchat.engine import rpc
+
+    monkeypatch.setattr(llama_cpp, "llama_supports_rpc", lambda: False)
+    with pytest.raises(rpc.RpcError, match="built without RPC support") as err:
+        rpc.connect(["127.0.0.1:50052"])
+    assert "ggufchat build --cpu" in err.value.hint
