@@ -113,14 +113,14 @@ def parse_gpu_layers(value: str | int) -> int | str:
 
 def resolve_gpu_layers(value: str | int, n_offload_devices: int, fit=None) -> int:
     """The n_gpu_layers llama.cpp gets. With no device to offload to, 0 whatever was asked; "auto"
-    takes what `fit()` (engine/fit.py) says fits the devices' free memory."""
+    takes what `fit` (engine/fit.py) found fits the devices' free memory."""
     parsed = parse_gpu_layers(value)
     if n_offload_devices == 0:
         return 0
     if parsed == "all":
         return -1
     if parsed == "auto":
-        return fit().n_gpu_layers if fit else -1
+        return fit.n_gpu_layers if fit else -1
     return int(parsed)
 
 
@@ -185,13 +185,9 @@ class LoadedModel:
         o = self.options
         params = llama_cpp.llama_model_default_params()
         offload = self._offload_devices()
-        self.offload_devices = [d.name if d.name == d.description or not d.remote else f"{d.name} {d.description}"
-                                for d in offload]
-        self.fit = None
-        if parse_gpu_layers(o.n_gpu_layers) == "auto" and offload:
-            self.fit = self._fit(offload)
-        params.n_gpu_layers = self.n_gpu_layers = resolve_gpu_layers(o.n_gpu_layers, len(offload),
-                                                                     lambda: self.fit)
+        self.offload_devices = [f"{d.name} {d.description}" if d.remote else d.name for d in offload]
+        self.fit = self._fit(offload) if parse_gpu_layers(o.n_gpu_layers) == "auto" and offload else None
+        params.n_gpu_layers = self.n_gpu_layers = resolve_gpu_layers(o.n_gpu_layers, len(offload), self.fit)
         if rpc.any_registered():
             # RPC devices stay in ggml's registry for the process's life: name this load's devices so a
             # later load without --rpc (or with other workers) does not pick them up.
