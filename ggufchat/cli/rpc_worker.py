@@ -56,7 +56,7 @@ def rpc_worker(
     # daemon thread and the main thread stays free to take Ctrl-C.
     worker = threading.Thread(target=rpc.serve, name="rpc-worker", daemon=True,
                               kwargs=dict(host=host, port=port, threads=threads or default_threads(),
-                                          device_names=names, cache_dir=cache_dir))
+                                          devices=devices, cache_dir=cache_dir))
     worker.start()
     try:
         while worker.is_alive():

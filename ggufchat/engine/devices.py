@@ -121,10 +121,11 @@ def gpu_backends() -> list[str]:
 
 def system_info() -> dict[str, object]:
     init_backend()
+    gpus = gpu_backends()
     return {
         "system_info": llama_cpp.llama_print_system_info().decode().strip(" |"),
-        "gpu_offload": bool(gpu_backends()),
-        "gpu_backends": gpu_backends(),
+        "gpu_offload": bool(gpus),
+        "gpu_backends": gpus,
         "rpc": bool(llama_cpp.llama_supports_rpc()),
         "mmap": bool(llama_cpp.llama_supports_mmap()),
         "max_devices": llama_cpp.llama_max_devices(),

@@ -121,7 +121,7 @@ def fit_layers(sizes: ModelSizes, free_bytes: list[int], *, n_ctx: int, n_ubatch
     order = [sizes.output_bytes] + items[::-1]
     kq = 0 if flash_attn else n_ctx // max(1, n_seq)
     base = compute_bytes(sizes, n_ubatch, with_output=False, kq_cells=kq)
-    logits = compute_bytes(sizes, n_ubatch, with_output=True, kq_cells=kq) - base  # on one device only
+    logits = n_ubatch * sizes.n_vocab * 4  # on the one device holding the output head
     usable = max(0, sum(max(0, f - margin - base) for f in free_bytes) - logits)
     used, k = 0, 0
     for size in order:

@@ -29,15 +29,18 @@ class RpcError(GgufchatError):
     """RPC is unavailable in this build, or a worker cannot be reached."""
 
 
-def supported() -> bool:
+def _rpc_reg() -> int:
+    """ggml's registry entry for the RPC backend; one clear error when this build has none."""
     init_backend()
-    return bool(llama_cpp.llama_supports_rpc())
+    reg = _libs()[1].ggml_backend_reg_by_name(b"RPC") if llama_cpp.llama_supports_rpc() else None
+    if not reg:
+        raise RpcError("this llama-cpp-python was built without RPC support",
+                       hint="Rebuild it with `ggufchat build --cpu` (or `--cuda`); both include the RPC backend.")
+    return reg
 
 
 def require_support() -> None:
-    if not supported():
-        raise RpcError("this llama-cpp-python was built without RPC support",
-                       hint="Rebuild it with `ggufchat build --cpu` (or `--cuda`); both include the RPC backend.")
+    _rpc_reg()
 
 
 def parse_endpoints(text: str | list[str] | None) -> list[str]:
@@ -87,21 +90,12 @@ def _check_reachable(endpoint: str, timeout: float = 5.0) -> None:
                             "and check that no firewall is in the way.") from None
 
 
-def _rpc_reg(lib_reg) -> int:
-    reg = lib_reg.ggml_backend_reg_by_name(b"RPC")
-    if not reg:
-        raise RpcError("llama.cpp's RPC backend is not registered in this build",
-                       hint="Rebuild with `ggufchat build --cpu` (or `--cuda`); both include the RPC backend.")
-    return reg
-
-
 def connect(endpoints: list[str]) -> list[int]:
     """Register each worker's devices with ggml (once per process) and return them, in order."""
     if not endpoints:
         return []
-    require_support()
+    rpc = _rpc_reg()
     base, reg = _libs()
-    rpc = _rpc_reg(reg)
     add_server = ctypes.CFUNCTYPE(ctypes.c_void_p, ctypes.c_char_p)(
         base.ggml_backend_reg_get_proc_address(rpc, b"ggml_backend_rpc_add_server"))
     devices: list[int] = []
@@ -125,24 +119,18 @@ def any_registered() -> bool:
     return bool(_registered)
 
 
-def serve(host: str, port: int, *, threads: int, device_names: list[str] | None = None,
-          cache_dir: str | None = None) -> None:
-    """Run llama.cpp's RPC server on this thread until the process ends (it never returns on success).
-
-    Offers the named devices, else every GPU, else the CPU: the choice llama.cpp's rpc-server makes.
-    """
-    require_support()
-    base, reg = _libs()
-    devices = pick_devices(device_names)
+def serve(host: str, port: int, *, threads: int, devices: list[int], cache_dir: str | None = None) -> None:
+    """Run llama.cpp's RPC server for `devices` (from pick_devices) on this thread; on success it never
+    returns."""
     start = ctypes.CFUNCTYPE(None, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_size_t, ctypes.c_size_t,
                              ctypes.POINTER(ctypes.c_void_p))(
-        base.ggml_backend_reg_get_proc_address(_rpc_reg(reg), b"ggml_backend_rpc_start_server"))
+        _libs()[0].ggml_backend_reg_get_proc_address(_rpc_reg(), b"ggml_backend_rpc_start_server"))
     arr = (ctypes.c_void_p * len(devices))(*devices)
-    endpoint = f"{host}:{port}".encode()
-    start(endpoint, cache_dir.encode() if cache_dir else None, threads, len(devices), arr)
+    start(f"{host}:{port}".encode(), cache_dir.encode() if cache_dir else None, threads, len(devices), arr)
 
 
 def pick_devices(names: list[str] | None) -> list[int]:
+    """The named devices, else every GPU, else the CPU: the choice llama.cpp's rpc-server makes."""
     from ggufchat.engine.devices import list_devices
 
     devices = list_devices()
