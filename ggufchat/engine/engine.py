@@ -61,10 +61,15 @@ class AsyncStream:
 
     async def __aiter__(self) -> AsyncIterator[Event]:
         while self.finish is None:
-            event = await self._events.get()
-            if isinstance(event, Finish):
-                self.finish = event
-            yield event
+            yield await self.next()
+
+    async def next(self) -> Event:
+        """The next event; call only while `finish` is None. A plain coroutine: a server streaming
+        tokens awaits this once per token, without an async generator's frames around it."""
+        event = await self._events.get()
+        if isinstance(event, Finish):
+            self.finish = event
+        return event
 
     def cancel(self) -> None:
         self._engine.scheduler.cancel(self._seq)

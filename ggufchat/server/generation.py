@@ -10,6 +10,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 
 from starlette.requests import Request
+from starlette.types import Receive
 
 from ggufchat.engine.engine import AsyncStream, Engine
 from ggufchat.engine.types import Delta, Event, Finish, GenerationRequest
@@ -35,6 +36,9 @@ class Generation:
         self.why_cancelled: str | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._watcher: asyncio.Task | None = None
+        self._merged: asyncio.Queue | None = None  # n > 1: the sequences' events, pumped into one queue
+        self._pumps: list[asyncio.Task] = []
+        self._last_delta = [0.0] * len(requests)  # for the inter-token latency
         self._closed = False
 
     @classmethod
@@ -51,7 +55,7 @@ class Generation:
         if timeout:
             gen._timer = asyncio.get_running_loop().call_later(timeout, gen.cancel, "timeout")
         if watch_disconnect and http_request is not None:
-            gen._watcher = asyncio.create_task(gen._watch(http_request))
+            gen.watch_disconnect(http_request.receive)
         return gen
 
     @classmethod
@@ -66,14 +70,17 @@ class Generation:
             lease.release()
             raise
 
-    async def _watch(self, request: Request) -> None:
-        # The body has been read, so the next message is http.disconnect: either the client left, or
-        # the response is complete (then close() has cancelled us first).
-        while True:
-            message = await request.receive()
-            if message["type"] == "http.disconnect":
-                self.cancel("disconnect")
-                return
+    def watch_disconnect(self, receive: Receive) -> None:
+        """Cancel the sequences when the client goes away. The request body has been read, so the next
+        ASGI message is http.disconnect: either the client left, or the response is complete (then
+        close() has stopped the watcher first)."""
+
+        async def watch() -> None:
+            while (await receive())["type"] != "http.disconnect":
+                pass
+            self.cancel("disconnect")
+
+        self._watcher = asyncio.create_task(watch())
 
     def cancel(self, why: str) -> None:
         """Cancel every unfinished sequence; they end with a 'cancelled' Finish at the next step."""
@@ -87,50 +94,40 @@ class Generation:
         for stream in running:
             stream.cancel()
 
-    async def events(self) -> AsyncIterator[tuple[int, Event]]:
-        """(choice index, event) until every sequence has finished. Raises RequestTimeout at the end
-        when the timeout cut the sequences short."""
+    async def next(self) -> tuple[int, Event] | None:
+        """The next (choice index, event); None once every sequence has finished, or RequestTimeout
+        then if the timeout cut them short. A coroutine, not a generator: a streamed token reaches
+        the socket without passing through layers of async generators (each costs a few us per token
+        on the event loop, and at one client that loop time is on the path of every token)."""
+        if None not in self.finishes:
+            if self.why_cancelled == "timeout":
+                raise RequestTimeout(f"the request took longer than the server's --timeout of "
+                                     f"{self.holder.config.timeout:g} s")
+            return None
         if len(self.streams) == 1:
-            source = self._single()
+            index, event = 0, await self.streams[0].next()
         else:
-            source = self._merged()
-        last = [self.t_arrival] * len(self.streams)
-        itl = self.metrics.itl
-        async for index, event in source:
-            now = time.perf_counter()
-            if isinstance(event, Delta):
-                if last[index] != self.t_arrival:
-                    itl.observe(now - last[index])
-                last[index] = now
-            else:
-                self._record(index, event)
-            yield index, event
-        if self.why_cancelled == "timeout":
-            raise RequestTimeout(f"the request took longer than the server's --timeout of "
-                                 f"{self.holder.config.timeout:g} s")
+            if self._merged is None:
+                self._merged = asyncio.Queue()
+                self._pumps = [asyncio.create_task(self._pump(i, s)) for i, s in enumerate(self.streams)]
+            index, event = await self._merged.get()
+        now = time.perf_counter()
+        if isinstance(event, Delta):
+            if self._last_delta[index]:
+                self.metrics.itl.observe(now - self._last_delta[index])
+            self._last_delta[index] = now
+        else:
+            self._record(index, event)
+        return index, event
 
-    async def _single(self) -> AsyncIterator[tuple[int, Event]]:
-        async for event in self.streams[0]:
-            yield 0, event
+    async def events(self) -> AsyncIterator[tuple[int, Event]]:
+        """next() as an async iterator."""
+        while (item := await self.next()) is not None:
+            yield item
 
-    async def _merged(self) -> AsyncIterator[tuple[int, Event]]:
-        queue: asyncio.Queue = asyncio.Queue()
-
-        async def pump(index: int, stream: AsyncStream) -> None:
-            async for event in stream:
-                queue.put_nowait((index, event))
-
-        tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(self.streams)]
-        try:
-            remaining = len(tasks)
-            while remaining:
-                index, event = await queue.get()
-                if isinstance(event, Finish):
-                    remaining -= 1
-                yield index, event
-        finally:
-            for task in tasks:
-                task.cancel()
+    async def _pump(self, index: int, stream: AsyncStream) -> None:
+        async for event in stream:
+            self._merged.put_nowait((index, event))
 
     def _record(self, index: int, finish: Finish) -> None:
         self.finishes[index] = finish
@@ -169,4 +166,6 @@ class Generation:
             self._timer.cancel()
         if self._watcher is not None:
             self._watcher.cancel()
+        for pump in self._pumps:
+            pump.cancel()
         self.lease.release()

@@ -77,6 +77,13 @@ def test_n_choices_and_seed(client: OpenAI):
     texts = [c.message.content for c in r.choices]
     assert len(set(texts)) > 1  # distinct seeds per choice
     assert texts == [c.message.content for c in client.chat.completions.create(**kwargs).choices]  # reproducible
+    # Streamed, the three sequences' chunks interleave; each choice reassembles to the same text.
+    chunks = list(client.chat.completions.create(**kwargs, stream=True, stream_options={"include_usage": True}))
+    streamed = {i: "".join(c.choices[0].delta.content or "" for c in chunks if c.choices and c.choices[0].index == i)
+                for i in range(3)}
+    assert [streamed[i] for i in range(3)] == texts
+    assert sorted(c.choices[0].index for c in chunks if c.choices and c.choices[0].finish_reason) == [0, 1, 2]
+    assert chunks[-1].usage.completion_tokens == r.usage.completion_tokens
 
 
 def test_json_object_response_format(client: OpenAI):

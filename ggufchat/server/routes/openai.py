@@ -9,7 +9,7 @@ from starlette.exceptions import HTTPException
 from ggufchat.server import convert
 from ggufchat.server.generation import Generation
 from ggufchat.server.protocol import ChatCompletionRequest, CompletionRequest
-from ggufchat.server.routes.streaming import collect, sse_response
+from ggufchat.server.routes.streaming import EventStream, collect
 from ggufchat.server.state import ServerState, server_state
 
 router = APIRouter(tags=["OpenAI"])
@@ -25,7 +25,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request,
     model = srv.config.model_id
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return sse_response(gen, convert.ChunkWriter(rid, model, chat=True, include_usage=include_usage))
+        return EventStream(gen, convert.ChunkWriter(rid, model, chat=True, include_usage=include_usage))
     return JSONResponse(convert.chat_completion(rid, model, await collect(gen)))
 
 
@@ -50,7 +50,7 @@ async def completions(body: CompletionRequest, request: Request, srv: ServerStat
     model = srv.config.model_id
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return sse_response(gen, convert.ChunkWriter(rid, model, chat=False, include_usage=include_usage), echo)
+        return EventStream(gen, convert.ChunkWriter(rid, model, chat=False, include_usage=include_usage), echo)
     return JSONResponse(convert.text_completion(rid, model, await collect(gen), echo))
 
 

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 
-from fastapi.responses import StreamingResponse
+from starlette.responses import Response
+from starlette.types import Receive, Scope, Send
 
 from ggufchat.engine.types import Delta
 from ggufchat.errors import EngineStopped, GgufchatError
@@ -23,34 +23,53 @@ async def collect(gen: Generation) -> list[Choice]:
         gen.close()
 
 
-def sse_response(gen: Generation, writer: ChunkWriter, echo: str = "") -> StreamingResponse:
-    return StreamingResponse(sse_events(gen, writer, echo), media_type="text/event-stream", headers=SSE_HEADERS)
+class EventStream(Response):
+    """A Generation as server-sent events. In place of StreamingResponse over an async generator:
+    each token is one await of Generation.next() and one send of ready bytes, no generator layers and
+    no task group per response. A failure midway becomes an error event; the stream still ends with
+    [DONE]. A client that goes away cancels its sequences (the disconnect watcher)."""
 
+    media_type = "text/event-stream"
 
-async def sse_events(gen: Generation, writer: ChunkWriter, echo: str = "") -> AsyncIterator[str]:
-    """Chunks as the sequences produce them. A failure midway becomes an error event; the stream still
-    ends with [DONE]. A client that goes away cancels its sequences (starlette cancels this generator)."""
-    try:
-        for index in range(len(gen.streams)):
-            if writer.chat:
-                yield writer.role(index)
-            elif echo:
-                yield writer.text(index, echo)
-        async for index, event in gen.events():
-            if isinstance(event, Delta):
-                if event.text:
-                    yield writer.text(index, event.text)
-            elif event.reason == "error":
-                yield writer.error(describe(event.error or EngineStopped("the sequence failed"))[1])
-            else:
-                yield writer.finish(index, event)
-        if writer.include_usage:
-            yield writer.usage([f for f in gen.finishes if f is not None])
-    except GgufchatError as exc:  # the timeout, above all
-        yield writer.error(describe(exc)[1])
-    except (asyncio.CancelledError, GeneratorExit):
-        gen.close("disconnect")
-        raise
-    finally:
-        gen.close()
-    yield writer.DONE
+    def __init__(self, gen: Generation, writer: ChunkWriter, echo: str = "") -> None:
+        self.gen = gen
+        self.writer = writer
+        self.echo = echo
+        self.status_code = 200
+        self.background = None
+        self.init_headers(SSE_HEADERS)  # no body: no content-length, so the server sends it chunked
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        gen, writer = self.gen, self.writer
+        gen.watch_disconnect(receive)
+        try:
+            await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+            first = []
+            for index in range(len(gen.streams)):
+                if writer.chat:
+                    first.append(writer.role(index))
+                elif self.echo:
+                    first.append(writer.text(index, self.echo))
+            if first:
+                await send({"type": "http.response.body", "body": "".join(first).encode(), "more_body": True})
+            try:
+                while (item := await gen.next()) is not None:
+                    index, event = item
+                    if isinstance(event, Delta):
+                        if not event.text:
+                            continue
+                        chunk = writer.text(index, event.text)
+                    elif event.reason == "error":
+                        chunk = writer.error(describe(event.error or EngineStopped("the sequence failed"))[1])
+                    else:
+                        chunk = writer.finish(index, event)
+                    await send({"type": "http.response.body", "body": chunk.encode(), "more_body": True})
+                tail = writer.usage([f for f in gen.finishes if f is not None]) if writer.include_usage else ""
+            except GgufchatError as exc:  # the timeout, above all
+                tail = writer.error(describe(exc)[1])
+            await send({"type": "http.response.body", "body": (tail + writer.DONE).encode(), "more_body": False})
+        except (asyncio.CancelledError, OSError):
+            gen.close("disconnect")
+            raise
+        finally:
+            gen.close()
