@@ -17,7 +17,12 @@ A server that fails to start (e.g. a ggufchat without `serve`) is skipped with a
 
     python scripts/bench_servers.py [--model PATH] [--concurrency 1,4,8,16] [--max-tokens 128]
         [--requests-per-client 2] [--ctx 8192] [--threads 2] [--parallel 8]
-        [--servers ggufchat,llama-server,llama-cpp-python] [--markdown FILE] [--json FILE]
+        [--servers ggufchat,llama-server,llama-cpp-python] [--rounds 3] [--interleave]
+        [--markdown FILE] [--json FILE]
+
+`--interleave` starts all servers at once and rotates short runs over them (round r of level C: each
+of C clients sends --requests-per-client requests to one server, then the next server's turn), so the
+paired runs are seconds apart instead of minutes; it needs memory for every server at once.
 
 Prints one table: per concurrency level each server's aggregate tokens/s, TTFT p50 and ITL p50, the
 ratios ggufchat/llama-server and ggufchat/llama_cpp.server, and the targets (at 8 clients: aggregate
@@ -222,6 +227,53 @@ def bench_one(name: str, s: Settings, args, log_dir: Path) -> dict | None:
     return result
 
 
+def bench_interleaved(names: list[str], s: Settings, args, log_dir: Path) -> dict[str, list[dict]]:
+    """Every server up at once (all idle but the one under load); per level, `--rounds` short runs that
+    rotate over the servers. Runs minutes apart see a different machine (this kind of box drifts by
+    more than the margins measured), runs seconds apart see the same one. Needs memory for all servers."""
+    up: dict[str, tuple[subprocess.Popen, bench_server.Target]] = {}
+    for name in names:
+        why = preflight(name, s)
+        if why:
+            print(f"\n== {LABEL[name]}: skipped: {why}", file=sys.stderr)
+            continue
+        started = start(name, s, log_dir / f"{name}.log", args.startup_timeout)
+        if started is None:
+            continue
+        target = bench_server.Target(started[1], args.endpoint, None, None)
+        try:
+            w = asyncio.run(bench_server.warm_up(target, 8, args.timeout))
+        except bench_server.HTTPError as e:
+            w = bench_server.RequestResult(ok=False, error=str(e))
+        if not w.ok:
+            print(f"   {LABEL[name]}: warm-up failed ({w.error}); skipped", file=sys.stderr)
+            stop(started[0])
+            continue
+        for note in target.notes:
+            print(f"   note: {note}", file=sys.stderr)
+        up[name] = (started[0], target)
+    runs: dict[str, list[dict]] = {name: [] for name in up}
+    for round_no in range(args.rounds):
+        order = list(up)
+        order = order[round_no % len(order):] + order[:round_no % len(order)] if order else order
+        for name in order:
+            if name == "llama-cpp-python" and round_no >= args.lcp_rounds:
+                continue
+            levels = []
+            for c in args.concurrency:
+                lv = asyncio.run(bench_server.run_level(up[name][1], c, args.requests_per_client, args.max_tokens,
+                                                        args.timeout))
+                print(f"-- round {round_no + 1}/{args.rounds} {LABEL[name]} C={c}: {lv['aggregate_tps']} tok/s, "
+                      f"TTFT p50 {lv['ttft_p50_ms']} ms, ITL p50 {lv['itl_p50_ms']} ms, {lv['errors']} errors",
+                      file=sys.stderr)
+                levels.append(lv)
+            target = up[name][1]
+            runs[name].append({"server": name, "command": server_command(name, s, 0)[0], "levels": levels,
+                               "log": str(log_dir / f"{name}.log"), "sent_ignore_eos": target.ignore_eos,
+                               "notes": target.notes})
+    return {name: r for name, r in runs.items() if r}
+
+
 # --- the combined table --------------------------------------------------------------------------------
 
 
@@ -324,7 +376,8 @@ def legend(results: dict, s: Settings, args) -> str:
             f"-t {s.threads}; {args.requests_per_client} streaming requests per client, max_tokens "
             f"{args.max_tokens}, ignore_eos; {os.cpu_count()} CPUs, {platform.machine()}. Rounds: "
             + ", ".join(f"{SHORT[n]} {results[n].get('rounds', 1)}" for n in SERVER_NAMES if n in results)
-            + " (medians; ratios are medians of per-round ratios).")
+            + " (medians; ratios are medians of per-round ratios"
+            + ("; servers all up at once, rounds rotating over them)." if args.interleave else ")."))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -341,6 +394,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=3, help="rounds of every server, alternating (default 3)")
     ap.add_argument("--lcp-rounds", type=int, default=1, help="rounds of llama_cpp.server, the slow one "
                     "(default 1)")
+    ap.add_argument("--interleave", action="store_true", help="start every server at once and rotate short "
+                    "runs over them, level by level (each round: every client sends --requests-per-client "
+                    "requests to one server), instead of one server at a time; pairs measured seconds apart")
     ap.add_argument("--endpoint", choices=["chat", "completions"], default="chat")
     ap.add_argument("--llama-server", default=str(ROOT / ".build" / "llama.cpp" / "bin" / "llama-server"))
     ap.add_argument("--startup-timeout", type=float, default=300.0)
@@ -365,7 +421,9 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(sig, _on_signal)
     runs: dict[str, list[dict]] = {}
     try:
-        for round_no in range(args.rounds):
+        if args.interleave:
+            runs = bench_interleaved([n for n in SERVER_NAMES if n in servers], s, args, log_dir)
+        for round_no in range(0 if args.interleave else args.rounds):
             # Alternate the order, so no server always runs first (on a cooler machine).
             order = [n for n in SERVER_NAMES if n in servers]
             if round_no % 2:

@@ -1,0 +1,39 @@
+"""The server benchmarks in scripts/ run end to end against a real `ggufchat serve` (tiny sizes: this
+checks that they work and count right, not how fast anything is)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+SCRIPTS = Path(__file__).resolve().parents[2] / "scripts"
+
+
+def test_bench_server_counts_every_token(url: str, tmp_path: Path):
+    out = subprocess.run([sys.executable, str(SCRIPTS / "bench_server.py"), "--url", url, "--concurrency", "1,3",
+                          "--max-tokens", "6", "--requests-per-client", "2", "--json", str(tmp_path / "r.json")],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    result = json.loads((tmp_path / "r.json").read_text())
+    assert [lv["concurrency"] for lv in result["levels"]] == [1, 3]
+    for lv in result["levels"]:
+        assert lv["errors"] == 0 and lv["requests"] == 2 * lv["concurrency"]
+        assert lv["tokens_per_request"] == 6 and lv["tokens_from_usage"]  # ignore_eos honoured, usage sent
+        assert lv["ttft_p50_ms"] > 0 and lv["itl_p50_ms"] > 0
+
+
+def test_bench_servers_interleaved_rounds(tmp_path: Path):
+    out_json = tmp_path / "servers.json"
+    out = subprocess.run([sys.executable, str(SCRIPTS / "bench_servers.py"), "--servers", "ggufchat", "--interleave",
+                          "--rounds", "2", "--concurrency", "1,2", "--max-tokens", "5", "--requests-per-client", "1",
+                          "--ctx", "4096", "--log-dir", str(tmp_path / "logs"), "--json", str(out_json)],
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    gg = json.loads(out_json.read_text())["servers"]["ggufchat"]
+    assert gg["rounds"] == 2
+    for lv in gg["levels"]:
+        assert lv["errors"] == 0 and lv["tokens_per_request"] == 5
+        assert len(lv["rounds_aggregate_tps"]) == 2 and all(lv["rounds_aggregate_tps"])
+    assert "rounds rotating over them" in out.stdout  # the table says how it was measured
