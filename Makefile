@@ -47,7 +47,7 @@ bench: install llama-tools
 # ggufchat serve vs llama-server vs llama-cpp-python's server, streaming clients, one run.
 bench-server: install llama-tools
 	$(BIN)/python -m pip install --quiet sse-starlette starlette-context  # llama_cpp.server's extras
-	$(BIN)/python scripts/bench_servers.py --markdown artifacts/bench_servers.md
+	$(BIN)/python scripts/bench_servers.py --interleave --rounds 6 --lcp-rounds 3 --markdown artifacts/bench_servers.md
 
 bench-engine: install
 	$(BIN)/ggufchat bench

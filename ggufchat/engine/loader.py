@@ -39,11 +39,15 @@ DEFAULT_CTX_PER_SEQ = 4096
 logger = logging.getLogger(__name__)
 
 
-def default_threads() -> int:
+def available_cpus() -> int:
     try:
-        n = len(os.sched_getaffinity(0))
+        return len(os.sched_getaffinity(0))
     except AttributeError:
-        n = os.cpu_count() or 1
+        return os.cpu_count() or 1
+
+
+def default_threads() -> int:
+    n = available_cpus()
     # Decode is memory-bound: past the physical cores, SMT siblings only add contention, and on
     # big machines the logical count is nearly always twice the physical one.
     return n // 2 if n >= 8 else n

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import llama_cpp
 
-from ggufchat.engine.loader import LoadedModel
+from ggufchat.engine.loader import LoadedModel, available_cpus, default_threads
 from ggufchat.engine.sampling import Sampler, make_sampler
 from ggufchat.engine.stops import StopMatcher
 from ggufchat.engine.tokens import Detokenizer, Tokenizer
@@ -34,11 +34,19 @@ Emit = Callable[[Event], None]
 
 
 # After handing a step's events to an event loop, wait (at most this long) until the loop has run the
-# consumers, down to their socket writes, before decoding the next batch. On a small machine the loop's
-# work would otherwise land in the middle of llama_decode, preempting one decode thread while the others
-# spin at a barrier. Measured with 2 cores, 3 paired runs: 1 client 77-100 -> 97-106 t/s, 8 clients
-# 149-156 -> 164-170 t/s. The cap keeps a busy loop from stalling the engine.
+# consumers, down to their socket writes, before decoding the next batch. When the decode threads take
+# every CPU, the loop's work would otherwise land in the middle of llama_decode, preempting one decode
+# thread while the others spin at a barrier. Measured with 2 cores and -t 2, 3 paired runs: 1 client
+# 77-100 -> 97-106 t/s, 8 clients 149-156 -> 164-170 t/s. The cap keeps a busy loop from stalling the
+# engine. With a CPU left over (-t 1 on 2 cores) the loop runs there without preempting anything, and
+# waiting only puts its work on the path of every token: not waiting was faster by 2.4% at 1 client
+# (16 paired requests) and 5.2% at 8 clients (8 paired rounds, all 8 won).
 _HANDOFF_WAIT = 0.003
+
+
+def handoff_wait(decode_threads: int, cpus: int) -> float:
+    """How long the engine waits for an event loop to write a step's tokens (see _HANDOFF_WAIT)."""
+    return _HANDOFF_WAIT if decode_threads >= cpus else 0.0
 
 
 class LoopEmitter:
@@ -114,6 +122,9 @@ class Scheduler:
         self._accepting = True  # submissions queue in the inbox until run() picks them up
         self._started = False
         self._stopped = threading.Event()
+        o = model.options
+        threads = o.n_threads or default_threads()
+        self.handoff_wait = handoff_wait(max(threads, o.n_threads_batch or threads), available_cpus())
         self.steps = 0
         self.decode_seconds = 0.0  # time inside llama_decode: the rest of a step is our own overhead
 
@@ -381,9 +392,9 @@ class Scheduler:
             except RuntimeError:  # the loop is closed: nobody will read these sequences again
                 for _, _, seq in items:
                     seq.cancelled = True
-        if self._active:
+        if self._active and self.handoff_wait:
             for delivered in waits:
-                delivered.wait(_HANDOFF_WAIT)
+                delivered.wait(self.handoff_wait)
 
     def _decode_failed(self, status: int) -> None:
         # The batch is lost; so are the sequences in it. Their slots start over so later requests

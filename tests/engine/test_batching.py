@@ -7,6 +7,7 @@ import threading
 import pytest
 
 from ggufchat.engine import Delta, Engine, GenerationRequest, SamplingParams
+from ggufchat.engine.scheduler import handoff_wait
 from ggufchat.errors import ContextOverflow, InvalidParameter
 from tests.conftest import N_SEQ, chat
 
@@ -209,3 +210,10 @@ def test_batch_holds_sequences_in_slot_order_whatever_order_slots_were_taken(fre
                 next(iter(s), None)
     assert any(len(ids) > 1 for ids in seen)
     assert all(ids == sorted(ids) for ids in seen)
+
+
+def test_the_engine_waits_for_the_event_loop_only_when_decoding_takes_every_cpu():
+    # -t 2 on 2 CPUs: the loop's writes would preempt a decode thread, so the engine waits for them.
+    assert handoff_wait(2, 2) > 0 and handoff_wait(16, 8) > 0
+    # A CPU to spare: the loop writes there while the next batch decodes.
+    assert handoff_wait(1, 2) == 0 and handoff_wait(4, 8) == 0
