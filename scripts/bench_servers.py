@@ -254,21 +254,20 @@ def bench_interleaved(names: list[str], s: Settings, args, log_dir: Path) -> dic
         up[name] = (started[0], target)
     runs: dict[str, list[dict]] = {name: [] for name in up}
     for round_no in range(args.rounds):
-        order = list(up)
+        order = [n for n in up if not (n == "llama-cpp-python" and round_no >= args.lcp_rounds)]
         order = order[round_no % len(order):] + order[:round_no % len(order)] if order else order
-        for name in order:
-            if name == "llama-cpp-python" and round_no >= args.lcp_rounds:
-                continue
-            levels = []
-            for c in args.concurrency:
+        levels: dict[str, list[dict]] = {name: [] for name in order}
+        for c in args.concurrency:
+            for name in order:
                 lv = asyncio.run(bench_server.run_level(up[name][1], c, args.requests_per_client, args.max_tokens,
                                                         args.timeout))
-                print(f"-- round {round_no + 1}/{args.rounds} {LABEL[name]} C={c}: {lv['aggregate_tps']} tok/s, "
+                print(f"-- round {round_no + 1}/{args.rounds} C={c} {LABEL[name]}: {lv['aggregate_tps']} tok/s, "
                       f"TTFT p50 {lv['ttft_p50_ms']} ms, ITL p50 {lv['itl_p50_ms']} ms, {lv['errors']} errors",
                       file=sys.stderr)
-                levels.append(lv)
+                levels[name].append(lv)
+        for name in order:
             target = up[name][1]
-            runs[name].append({"server": name, "command": server_command(name, s, 0)[0], "levels": levels,
+            runs[name].append({"server": name, "command": server_command(name, s, 0)[0], "levels": levels[name],
                                "log": str(log_dir / f"{name}.log"), "sent_ignore_eos": target.ignore_eos,
                                "notes": target.notes})
     return {name: r for name, r in runs.items() if r}

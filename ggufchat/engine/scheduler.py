@@ -44,6 +44,13 @@ Emit = Callable[[Event], None]
 _HANDOFF_WAIT = 0.003
 
 
+# What one more ubatch per decode step costs, in prompt tokens of prefill saved: an extra pass over the
+# weights takes about a one-token decode (~7 ms here), prefill runs at ~3 ms a token, and a reply lasts
+# a few hundred steps; so reusing a cached prefix is worth splitting the batch only when it is long
+# (the next turn of a long conversation), not for a shared system prompt.
+FRAGMENT_TOKENS = 256
+
+
 def handoff_wait(decode_threads: int, cpus: int) -> float:
     """How long the engine waits for an event loop to write a step's tokens (see _HANDOFF_WAIT)."""
     return _HANDOFF_WAIT if decode_threads >= cpus else 0.0
@@ -231,10 +238,25 @@ class Scheduler:
             if not free:
                 return
             seq = self._waiting.popleft()
-            prompt = seq.request.prompt_tokens
-            # The free slot whose cached tokens share the longest prefix; else the least recently used.
-            slot = max(free, key=lambda s: (common_prefix(s.tokens, prompt), -s.last_used))
-            self._bind(seq, slot)
+            self._bind(seq, self._pick_slot(free, seq.request.prompt_tokens))
+
+    def _pick_slot(self, free: list[Slot], prompt: list[int]) -> Slot:
+        """The free slot whose cached tokens save the most prefill, counting a slot that splits the busy
+        sequence ids into one more run as FRAGMENT_TOKENS tokens worse; ties go to the least recently
+        used slot (the others' caches live longer).
+
+        Why runs matter: with a KV stream per sequence, llama.cpp puts only consecutive sequence ids in
+        one ubatch, so every gap among the generating sequences' ids costs one more pass over the
+        weights per step. Measured, 4 clients: busy slots scattered by prefix affinity made each step
+        split into up to four graph runs (see docs/benchmarks.md)."""
+        busy = {s.seq_id for s in self.slots if s.busy}
+
+        def extra_runs(seq_id: int) -> int:
+            # -1: fills a hole between two runs; 0: extends one; +1: starts a new run
+            return 1 - (seq_id - 1 in busy) - (seq_id + 1 in busy)
+
+        return max(free, key=lambda s: (common_prefix(s.tokens, prompt) - FRAGMENT_TOKENS * extra_runs(s.seq_id),
+                                         -s.last_used))
 
     def _bind(self, seq: Sequence, slot: Slot) -> None:
         prompt = seq.request.prompt_tokens
