@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import llama_cpp
 
-from ggufchat.engine.loader import LoadedModel, available_cpus, default_threads
+from ggufchat.engine.loader import LoadedModel, available_cpus
 from ggufchat.engine.sampling import Sampler, make_sampler
 from ggufchat.engine.stops import StopMatcher
 from ggufchat.engine.tokens import Detokenizer, Tokenizer
@@ -129,9 +129,9 @@ class Scheduler:
         self._accepting = True  # submissions queue in the inbox until run() picks them up
         self._started = False
         self._stopped = threading.Event()
-        o = model.options
-        threads = o.n_threads or default_threads()
-        self.handoff_wait = handoff_wait(max(threads, o.n_threads_batch or threads), available_cpus())
+        ctx = model.ctx  # the thread counts the context was made with, defaults resolved
+        decode_threads = max(llama_cpp.llama_n_threads(ctx), llama_cpp.llama_n_threads_batch(ctx))
+        self.handoff_wait = handoff_wait(decode_threads, available_cpus())
         self.steps = 0
         self.decode_seconds = 0.0  # time inside llama_decode: the rest of a step is our own overhead
 
