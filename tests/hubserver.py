@@ -20,8 +20,9 @@ Routes (only what the clients call):
   MS  GET  /api/v1/models/{repo}/repo?Revision=&FilePath=  file download
   URL HEAD|GET /files/{path}                          a plain web server (add_url_file): ETag, Range, 404
 Every file is served as if LFS-tracked: its sha256 is its HF ETag and its ModelScope Sha256.
-Fault knobs: cut_after (drop the connection mid-body), stall_after (hang mid-body until stop()),
-corrupt_sha, require_token, and per plain file ignore_range (answer 200 to every Range request).
+Fault knobs: cut_after (drop the connection mid-body), stall_after (hang mid-body until stop()), pause_after
+(hang mid-body until the test lets it finish), corrupt_sha, require_token, and per plain file ignore_range (answer
+200 to every Range request).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ import json
 import re
 import socket
 import threading
+import time
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, unquote, urlsplit
@@ -61,7 +63,8 @@ class FakeHub:
         self.tokens: dict[str, str] = {}
         # (repo, file) -> [n_bytes, remaining times, offset?]; plain files use repo "" and their URL path.
         self.cuts: dict[tuple[str, str], list[int]] = {}
-        self.stalls: dict[tuple[str, str], int] = {}  # (repo, file) -> file offset where the body hangs
+        # (repo, file) -> (file offset where the body hangs, event that lets it finish: None = only stop())
+        self.stalls: dict[tuple[str, str], tuple[int, threading.Event | None]] = {}
         self.plain: dict[str, _File] = {}  # URL path -> file, for add_url_file
         self._release = threading.Event()  # set by stop(): stalled responses give up
         # (method, path with query, headers with lower-cased names) for every request received.
@@ -136,7 +139,18 @@ class FakeHub:
         For killing or interrupting a client mid-download at a known point.
         """
         with self._lock:
-            self.stalls[(repo_id, filename)] = n_bytes
+            self.stalls[(repo_id, filename)] = (n_bytes, None)
+
+    def pause_after(self, repo_id: str, filename: str, n_bytes: int) -> threading.Event:
+        """The next GET of the file sends the body up to file offset n_bytes, then waits for the returned event
+        before sending the rest (stop() ends it instead).
+
+        The test decides how long the download lasts, so another client provably arrives while it is under way.
+        """
+        resume = threading.Event()
+        with self._lock:
+            self.stalls[(repo_id, filename)] = (n_bytes, resume)
+        return resume
 
     def corrupt_sha(self, repo_id: str, filename: str) -> None:
         """Advertise a sha256 (HF ETag/lfs.sha256, MS Sha256/X-Linked-ETag) that does not match the served bytes."""
@@ -170,10 +184,10 @@ class FakeHub:
             cut[1] -= 1
             return max(cut[0] - start, 0) if cut[2] else cut[0]
 
-    def _take_stall(self, repo_id: str, filename: str, start: int) -> int | None:
+    def _take_stall(self, repo_id: str, filename: str, start: int) -> tuple[int, threading.Event | None] | None:
         with self._lock:
-            at = self.stalls.pop((repo_id, filename), None)
-        return None if at is None else max(at - start, 0)
+            stall = self.stalls.pop((repo_id, filename), None)
+        return None if stall is None else (max(stall[0] - start, 0), stall[1])
 
 
 _HF_TREE = re.compile(r"^/api/models/(?P<repo>[^/]+/[^/]+)/tree/(?P<rev>[^/]+)(?:/(?P<path>.+))?$")
@@ -255,7 +269,7 @@ class _Handler(BaseHTTPRequestHandler):
             headers.pop("Accept-Ranges")
         stall = self.hub._take_stall(repo_id, filename, start) if self.command == "GET" else None
         if stall is not None:
-            return self._stall(status, data, headers, stall)
+            return self._stall(status, data, headers, *stall)
         cut = self.hub._take_cut(repo_id, filename, start) if self.command == "GET" else None
         if cut is None:
             return self._reply(status, data, headers)
@@ -272,14 +286,23 @@ class _Handler(BaseHTTPRequestHandler):
         except OSError:
             pass
 
-    def _stall(self, status: int, data: bytes, headers: dict[str, str], n_bytes: int) -> None:
+    def _stall(self, status: int, data: bytes, headers: dict[str, str], n_bytes: int,
+               resume: threading.Event | None) -> None:
         self.send_response(status)
         for k, v in {**headers, "Content-Length": str(len(data))}.items():
             self.send_header(k, v)
         self.end_headers()
         self.wfile.write(data[:n_bytes])
         self.wfile.flush()
-        self.hub._release.wait(60)
+        deadline = time.monotonic() + 60
+        while not self.hub._release.is_set() and not (resume and resume.is_set()) and time.monotonic() < deadline:
+            self.hub._release.wait(0.05)
+        if resume is not None and resume.is_set() and not self.hub._release.is_set():
+            try:
+                self.wfile.write(data[n_bytes:])
+                return
+            except OSError:  # the client went away while paused (interrupted)
+                pass
         self.close_connection = True
 
     # -- a plain web server --------------------------------------------------------------------------------------------

@@ -12,6 +12,13 @@ does not: hf_hub_download writes to a per-process `<etag>.<uuid>.incomplete` and
 Face we therefore take the file's metadata and its HTTP transfer from huggingface_hub (get_hf_file_metadata,
 http_get: the same headers, auth, redirects, retries and progress bar) but keep the partial file ourselves,
 as `<file>.<etag>.part` in the staging folder, and hand http_get its size to resume from.
+
+One process per model: two runs downloading the same model (`download` twice, or `chat --pull`) would append to
+one partial file and delete each other's staging folder. So `download` holds a file lock named for the model
+(Store.lock_path) from finding it missing until it is installed; a second run says it waits, then finds the model
+installed, or, if the first run failed, continues from what that run kept. Each model stages in a folder of its own,
+so different models, even from one repo, never wait for or touch each other. The lock is an flock on an empty file:
+a process that dies holds nothing, and the file it leaves behind is harmless.
 """
 
 from __future__ import annotations
@@ -21,7 +28,8 @@ import logging
 import os
 import re
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -36,6 +44,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_MS_ENDPOINT = "https://www.modelscope.cn"
 _DISK_MARGIN = 64 << 20
+STILL_WAITING = 60.0  # seconds between lines saying we still wait for another process's download
 
 
 @dataclass
@@ -214,25 +223,59 @@ def download(spec: str, settings: Settings, *, source: str = "auto", revision: s
         raise DownloadError(f"{ref.display} is fetched from its own server; --source {source} does not apply")
     name = ref.display
     store = Store(settings.home)
-    cached = store.find(name)
-    if cached is not None:
-        report(f"{name} is already downloaded: {cached.path}")
+    if (cached := _cached(store, name, report)) is not None:
         return cached
     if settings.offline:
         raise DownloadError(f"{name} is not in the cache and GGUFCHAT_OFFLINE is set",
                             hint="Unset GGUFCHAT_OFFLINE (or drop --offline) to download it.")
-    if ref.kind == "url":
-        from ggufchat.models.direct import download_url
+    with _one_process_per_model(store, name, report):
+        if (cached := _cached(store, name, report)) is not None:  # installed by the run we waited for
+            return cached
+        if ref.kind == "url":
+            from ggufchat.models.direct import download_url
 
-        return download_url(ref, store, sha256=sha256, report=report)
-    failures = []
-    for hub, repo in _sources(ref, source):
-        try:
-            return _download_from(hub, repo, ref, name, settings, store, revision, token, sha256, report)
-        except _NotThere as exc:
-            failures.append(str(exc))
-            report(f"{exc}")
-    raise DownloadError("; ".join(failures))
+            return download_url(ref, store, sha256=sha256, report=report)
+        failures = []
+        for hub, repo in _sources(ref, source):
+            try:
+                return _download_from(hub, repo, ref, name, settings, store, revision, token, sha256, report)
+            except _NotThere as exc:
+                failures.append(str(exc))
+                report(f"{exc}")
+        raise DownloadError("; ".join(failures))
+
+
+def _cached(store: Store, name: str, report: Callable[[str], None]) -> CachedModel | None:
+    cached = store.find(name)
+    if cached is not None:
+        report(f"{name} is already downloaded: {cached.path}")
+    return cached
+
+
+@contextmanager
+def _one_process_per_model(store: Store, name: str, report: Callable[[str], None]) -> Iterator[None]:
+    """Hold the model's download lock, waiting (and saying so) while another process holds it."""
+    from filelock import FileLock, Timeout
+
+    path = store.lock_path(name)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(path)
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        report(f"Waiting for another ggufchat download of {name} to finish (lock: {path})")
+        waited = 0.0
+        while True:
+            try:
+                lock.acquire(timeout=STILL_WAITING)
+                break
+            except Timeout:  # a big model takes a while: show we are alive, not hung
+                waited += STILL_WAITING
+                report(f"still waiting for the other download of {name} ({waited / 60:.0f} min so far)")
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def _download_from(hub: str, repo: str, ref: ModelRef, name: str, settings: Settings, store: Store,
@@ -267,7 +310,8 @@ def _download_from(hub: str, repo: str, ref: ModelRef, name: str, settings: Sett
         raise DownloadError(f"{name} is a {len(files)}-part model; a single sha256 cannot check them all",
                             hint="Drop --sha256 / #sha256= for split models.")
     need = sum(f.size for f in files)
-    staging = store.downloads_dir / hub / slug(f"{repo}@{rev}")
+    # Per model, not per repo: the lock is per model, so two models of one repo must not share (or remove) a folder.
+    staging = store.downloads_dir / hub / slug(f"{name}@{rev}")
     # What an earlier run left in staging (partial files) is already on the disk.
     kept = sum(p.stat().st_size for p in staging.rglob("*") if p.is_file()) if staging.is_dir() else 0
     free = free_bytes(settings.home)

@@ -3,6 +3,7 @@
     $GGUFCHAT_HOME/models/<slug>/manifest.json   name, source, repo, revision, files (sha256, size), time
     $GGUFCHAT_HOME/models/<slug>/<file>.gguf     the model file(s); every part of a split model
     $GGUFCHAT_HOME/downloads/...                 partial downloads (ours and the hub clients'), resumed next run
+    $GGUFCHAT_HOME/downloads/locks/<slug>.lock   held by the one process downloading that model (empty files)
 
 A model is only listed or loaded when its manifest exists and every file it names has the size the
 manifest says: a half-written or unverified file is never mistaken for a model.
@@ -91,6 +92,10 @@ class Store:
         self.home = Path(home).expanduser()
         self.models_dir = self.home / "models"
         self.downloads_dir = self.home / "downloads"
+
+    def lock_path(self, name: str) -> Path:
+        """The lock a download of model `name` holds until it is installed (see hub.download)."""
+        return self.downloads_dir / "locks" / f"{slug(name)}.lock"
 
     def models(self) -> list[CachedModel]:
         found = []
