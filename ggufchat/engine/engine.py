@@ -12,8 +12,9 @@ from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
+from ggufchat.engine import grammar as gbnf
 from ggufchat.engine.loader import LoadedModel, LoadOptions
-from ggufchat.engine.sampling import check_grammar
+from ggufchat.engine.sampling import Sampler, make_sampler
 from ggufchat.engine.scheduler import LoopEmitter, Scheduler, Sequence
 from ggufchat.engine.templates import ChatTemplate, Segment
 from ggufchat.engine.tokens import Tokenizer
@@ -75,6 +76,26 @@ class AsyncStream:
         self._engine.scheduler.cancel(self._seq)
 
 
+class Prepared:
+    """A request checked against the model, with its sampler built: the part of submitting that can
+    take long (a big prompt's ids, a grammar to compile), done on the caller's thread so that neither
+    an event loop nor the engine thread waits for it. Submit it, or discard() it."""
+
+    def __init__(self, request: GenerationRequest, sampler: Sampler) -> None:
+        self.request = request
+        self.sampler: Sampler | None = sampler
+
+    def take_sampler(self) -> Sampler:
+        if self.sampler is None:
+            raise RuntimeError("this request was already submitted")
+        sampler, self.sampler = self.sampler, None
+        return sampler
+
+    def discard(self) -> None:
+        if self.sampler is not None:
+            self.take_sampler().free()
+
+
 class Engine:
     """One loaded model serving up to `n_seq_max` sequences at once."""
 
@@ -90,6 +111,7 @@ class Engine:
                                         name="ggufchat-engine", daemon=True)
         self._thread.start()
         self.model, self.tokenizer, self.scheduler = ready.result()
+        self.grammar_limits = gbnf.GrammarLimits()
         try:
             self.template = self._pick_template(chat_template, chat_template_file)
         except BaseException:
@@ -105,7 +127,7 @@ class Engine:
             return
         try:
             tokenizer = Tokenizer(model.vocab)
-            scheduler = Scheduler(model, tokenizer, default_seed=options.seed)
+            scheduler = Scheduler(model, tokenizer)
         except BaseException as exc:
             model.close()
             ready.set_exception(exc)
@@ -133,6 +155,11 @@ class Engine:
     def n_seq_max(self) -> int:
         return self.model.n_seq_max
 
+    @property
+    def failure(self) -> BaseException | None:
+        """Why the decode loop died (every request after that fails with it), or None while it runs."""
+        return self.scheduler.failure
+
     def _pick_template(self, name: str | None, path: str | Path | None) -> ChatTemplate:
         tok = self.tokenizer
         special = {"bos_token": tok.special_text(tok.bos) if tok.bos >= 0 else "",
@@ -156,6 +183,7 @@ class Engine:
         return self.tokenizer.tokenize(text, add_special=add_special, parse_special=parse_special)
 
     def detokenize(self, tokens: list[int]) -> str:
+        """Ids from anywhere (a client's too): an id outside the vocabulary is an InvalidParameter."""
         return self.tokenizer.detokenize(tokens)
 
     def render_chat(self, messages: list[dict[str, Any]], *, add_generation_prompt: bool = True) -> str:
@@ -186,31 +214,48 @@ class Engine:
         if request.max_tokens is not None and request.max_tokens < 1:
             raise InvalidParameter("max_tokens must be at least 1", param="max_tokens")
         request.sampling.validate()
-        if request.sampling.grammar is not None:
-            check_grammar(self.model.vocab, request.sampling.grammar)
-        bad = [t for t in request.prompt_tokens if not 0 <= t < self.tokenizer.n_vocab]
-        if bad:
-            raise InvalidParameter(f"token id {bad[0]} is outside the vocabulary", param="prompt")
         # Leave room for at least one generated token.
         if len(request.prompt_tokens) >= self.n_ctx_seq:
             raise ContextOverflow(len(request.prompt_tokens), self.n_ctx_seq)
+        self.tokenizer.check_ids(request.prompt_tokens, "prompt")
+        if request.sampling.grammar is not None:
+            gbnf.check(request.sampling.grammar, self.grammar_limits)
 
-    def submit(self, request: GenerationRequest) -> Stream:
+    def prepare(self, request: GenerationRequest) -> Prepared:
+        """Check a request and build its sampler (any thread; a grammar can take a while to compile)."""
         self._check(request)
+        sampler = make_sampler(
+            request.sampling,
+            n_vocab=self.tokenizer.n_vocab,
+            n_ctx_seq=self.n_ctx_seq,
+            default_seed=self.options.seed,
+            banned_tokens=self.tokenizer.eog_tokens() if request.ignore_eos else None,
+            vocab=self.model.vocab,
+            history=request.prompt_tokens,
+        )
+        return Prepared(request, sampler)
+
+    def _sequence(self, request: GenerationRequest | Prepared, emit) -> Sequence:
+        prepared = request if isinstance(request, Prepared) else self.prepare(request)
+        req = prepared.request
+        seq = Sequence(req, emit, Usage(prompt_tokens=len(req.prompt_tokens), t_submit=time.perf_counter()),
+                       sampler=prepared.take_sampler())
+        try:
+            self.scheduler.submit(seq)
+        except BaseException:
+            seq.sampler.free()
+            raise
+        return seq
+
+    def submit(self, request: GenerationRequest | Prepared) -> Stream:
         events: queue.SimpleQueue = queue.SimpleQueue()
-        seq = Sequence(request, events.put, Usage(prompt_tokens=len(request.prompt_tokens),
-                                                   t_submit=time.perf_counter()))
-        self.scheduler.submit(seq)
-        return Stream(self, seq, events)
+        return Stream(self, self._sequence(request, events.put), events)
 
-    def submit_async(self, request: GenerationRequest) -> AsyncStream:
-        """Submit from inside a running event loop; events arrive on that loop."""
-        self._check(request)
+    def submit_async(self, request: GenerationRequest | Prepared) -> AsyncStream:
+        """Submit from inside a running event loop; events arrive on that loop. Prepare big requests
+        first (on another thread): unprepared ones are checked and compiled on this one."""
         events: asyncio.Queue = asyncio.Queue()
-        emit = LoopEmitter(asyncio.get_running_loop(), events)
-        seq = Sequence(request, emit, Usage(prompt_tokens=len(request.prompt_tokens),
-                                            t_submit=time.perf_counter()))
-        self.scheduler.submit(seq)
+        seq = self._sequence(request, LoopEmitter(asyncio.get_running_loop(), events))
         return AsyncStream(self, seq, events)
 
     def clear_cache(self) -> None:

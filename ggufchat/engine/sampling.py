@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import llama_cpp
 import numpy as np
 
+from ggufchat.engine.tokens import encode_text
 from ggufchat.errors import InvalidParameter
 
 
@@ -61,9 +62,6 @@ class Sampler:
     def sample(self, ctx, batch_index: int) -> int:
         raise NotImplementedError
 
-    def accept(self, token: int) -> None:
-        """Tell the sampler about a token already in the sequence (penalties look back on them)."""
-
     def free(self) -> None:
         pass
 
@@ -74,9 +72,6 @@ class ChainSampler(Sampler):
 
     def sample(self, ctx, batch_index: int) -> int:
         return llama_cpp.llama_sampler_sample(self.chain, ctx, batch_index)
-
-    def accept(self, token: int) -> None:
-        llama_cpp.llama_sampler_accept(self.chain, token)
 
     def free(self) -> None:
         if self.chain is not None:
@@ -143,14 +138,10 @@ def make_sampler(params: SamplingParams, *, n_vocab: int, n_ctx_seq: int, defaul
 
 def grammar_sampler(vocab, grammar: str):
     """A llama.cpp grammar sampler, or InvalidParameter when llama.cpp cannot parse the grammar."""
-    smpl = llama_cpp.llama_sampler_init_grammar(vocab, grammar.encode(), b"root")
+    smpl = llama_cpp.llama_sampler_init_grammar(vocab, encode_text(grammar), b"root")
     if not smpl:
         raise InvalidParameter("the grammar could not be parsed", param="response_format")
     return smpl
-
-
-def check_grammar(vocab, grammar: str) -> None:
-    llama_cpp.llama_sampler_free(grammar_sampler(vocab, grammar))
 
 
 def build_chain(params: SamplingParams, *, n_vocab: int, n_ctx_seq: int, default_seed: int | None,

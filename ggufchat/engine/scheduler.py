@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import llama_cpp
 
 from ggufchat.engine.loader import LoadedModel, available_cpus
-from ggufchat.engine.sampling import Sampler, make_sampler
+from ggufchat.engine.sampling import Sampler
 from ggufchat.engine.stops import StopMatcher
 from ggufchat.engine.tokens import Detokenizer, Tokenizer
 from ggufchat.engine.types import Delta, Event, Finish, GenerationRequest, Usage
@@ -84,14 +84,15 @@ class Slot:
 
 @dataclass
 class Sequence:
-    """A request while the engine works on it. Mutated only by the engine thread, except `cancelled`."""
+    """A request while the engine works on it. Mutated only by the engine thread, except `cancelled`.
+    It comes with its sampler built (Engine.prepare) and the scheduler frees it when the sequence ends."""
 
     request: GenerationRequest
     emit: Emit | LoopEmitter
     usage: Usage
+    sampler: Sampler
     cancelled: bool = False
     slot: Slot | None = None
-    sampler: Sampler | None = None
     detok: Detokenizer | None = None
     stops: StopMatcher | None = None
     pending: list[int] = field(default_factory=list)  # prompt tokens not yet decoded
@@ -110,10 +111,9 @@ def common_prefix(a: list[int], b: list[int]) -> int:
 
 
 class Scheduler:
-    def __init__(self, model: LoadedModel, tokenizer: Tokenizer, default_seed: int | None = None) -> None:
+    def __init__(self, model: LoadedModel, tokenizer: Tokenizer) -> None:
         self.model = model
         self.tokenizer = tokenizer
-        self.default_seed = default_seed
         self.slots = [Slot(i) for i in range(model.n_seq_max)]
         self.n_ctx_seq = model.n_ctx_seq
         self.n_batch = model.n_batch
@@ -127,6 +127,8 @@ class Scheduler:
         self._outbox: dict = {}  # event loop -> [(queue, event)] of this step, see LoopEmitter
         self._closing = False
         self._accepting = True  # submissions queue in the inbox until run() picks them up
+        self._submit_lock = threading.Lock()
+        self.failure: EngineStopped | None = None  # why the loop died, if it did
         self._started = False
         self._stopped = threading.Event()
         ctx = model.ctx  # the thread counts the context was made with, defaults resolved
@@ -137,9 +139,10 @@ class Scheduler:
 
     # Called from any thread.
     def submit(self, seq: Sequence) -> None:
-        if self._closing or not self._accepting:
-            raise EngineStopped("the engine is not running")
-        self._inbox.put(seq)
+        with self._submit_lock:
+            if self._closing or not self._accepting:
+                raise self.failure or EngineStopped("the engine is not running")
+            self._inbox.put(seq)
 
     def call(self, fn: Callable[[], None]) -> threading.Event:
         """Run fn on the engine thread between steps; the returned event is set when it has run."""
@@ -197,10 +200,12 @@ class Scheduler:
                 self._flush()
         except BaseException as exc:  # the loop must never die silently with requests pending
             log.exception("engine loop failed")
-            self._fail_all(EngineStopped(f"the engine stopped: {exc}"))
+            self.failure = EngineStopped(f"the engine stopped: {type(exc).__name__}: {exc}")
+            self._fail_all(self.failure)
             self._closing = True
         finally:
-            self._accepting = False
+            with self._submit_lock:  # no submission may slip in between this and the last drain
+                self._accepting = False
             llama_cpp.llama_batch_free(batch)
             self._drain_inbox(block=False)
             self._fail_all(EngineStopped("the engine was closed"))
@@ -226,8 +231,7 @@ class Scheduler:
             kept = collections.deque()
             for seq in self._waiting:
                 if seq.cancelled:
-                    seq.usage.t_end = time.perf_counter()
-                    self._emit(seq, Finish("cancelled", seq.usage))
+                    self._finish(seq, "cancelled")
                 else:
                     kept.append(seq)
             self._waiting = kept
@@ -275,15 +279,6 @@ class Scheduler:
         seq.usage.cached_tokens = keep
         seq.usage.t_start = time.perf_counter()
         req = seq.request
-        seq.sampler = make_sampler(
-            req.sampling,
-            n_vocab=self.tokenizer.n_vocab,
-            n_ctx_seq=self.n_ctx_seq,
-            default_seed=self.default_seed,
-            banned_tokens=sorted(self._eog) if req.ignore_eos else None,
-            vocab=self.model.vocab,
-            history=prompt,
-        )
         seq.detok = Detokenizer(self.tokenizer)
         seq.stops = StopMatcher(req.stop)
         # Keep the batch in sequence-id order: llama.cpp decodes a batch whose sequence ids are out of
@@ -392,9 +387,7 @@ class Scheduler:
                 self._emit(seq, Delta(tail, seq.unsent))
         seq.usage.t_end = time.perf_counter()
         self._emit(seq, Finish(reason, seq.usage, error, eog_token))
-        if seq.sampler is not None:
-            seq.sampler.free()
-            seq.sampler = None
+        seq.sampler.free()  # idempotent
         if seq.slot is not None:
             seq.slot.busy = False
             seq.slot.last_used = seq.usage.t_end
@@ -435,6 +428,4 @@ class Scheduler:
             except Exception:
                 log.exception("while failing request %s", seq.request.id)
         while self._waiting:
-            seq = self._waiting.popleft()
-            seq.usage.t_end = time.perf_counter()
-            self._emit(seq, Finish("error", seq.usage, error))
+            self._finish(self._waiting.popleft(), "error", flush=False, error=error)

@@ -1,4 +1,10 @@
-"""Tokenizing (special-token parsing chosen per piece of text) and incremental detokenizing."""
+"""Tokenizing (special-token parsing chosen per piece of text) and incremental detokenizing.
+
+This is where text and token ids cross into llama.cpp, so this is where they are made safe: text with
+lone surrogates (which JSON's \\ud800 escapes and Python's surrogateescape can produce, but UTF-8 cannot
+encode) has them replaced by U+FFFD, and an id outside the vocabulary is refused before llama.cpp
+sees it (it indexes its token table unchecked and aborts the whole process).
+"""
 
 from __future__ import annotations
 
@@ -6,6 +12,21 @@ import codecs
 import ctypes
 
 import llama_cpp
+
+from ggufchat.errors import InvalidParameter
+
+
+def scrub_surrogates(text: str) -> str:
+    """`text` with every lone surrogate replaced by U+FFFD (a valid pair becomes its character)."""
+    return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+
+
+def encode_text(text: str) -> bytes:
+    """UTF-8 bytes of any str, lone surrogates as U+FFFD."""
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError:
+        return scrub_surrogates(text).encode("utf-8")
 
 
 class Tokenizer:
@@ -21,7 +42,7 @@ class Tokenizer:
         self._eog: list[int] | None = None
 
     def tokenize(self, text: str, *, add_special: bool = False, parse_special: bool = False) -> list[int]:
-        data = text.encode("utf-8")
+        data = encode_text(text)
         cap = len(data) + 8
         buf = (llama_cpp.llama_token * cap)()
         n = llama_cpp.llama_tokenize(self.vocab, data, len(data), buf, cap, add_special, parse_special)
@@ -31,10 +52,17 @@ class Tokenizer:
             n = llama_cpp.llama_tokenize(self.vocab, data, len(data), buf, cap, add_special, parse_special)
         return list(buf[:n])
 
+    def check_ids(self, tokens: list[int], param: str = "prompt") -> None:
+        """Refuse ids outside the vocabulary; every id from a client passes here before llama.cpp."""
+        if tokens and (min(tokens) < 0 or max(tokens) >= self.n_vocab):
+            bad = next(t for t in tokens if not 0 <= t < self.n_vocab)
+            raise InvalidParameter(f"token id {bad} is outside the vocabulary (0..{self.n_vocab - 1})", param=param)
+
     def piece(self, token: int) -> bytes:
         """The bytes a token stands for; control tokens (end-of-turn, ...) give b''."""
         cached = self._pieces.get(token)
         if cached is None:
+            self.check_ids([token], "tokens")
             buf = ctypes.create_string_buffer(64)
             n = llama_cpp.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, False)
             if n < 0:
@@ -51,10 +79,8 @@ class Tokenizer:
         return buf.raw[: max(n, 0)].decode("utf-8", errors="replace")
 
     def detokenize(self, tokens: list[int]) -> str:
+        self.check_ids(tokens, "tokens")
         return b"".join(self.piece(t) for t in tokens).decode("utf-8", errors="replace")
-
-    def is_eog(self, token: int) -> bool:
-        return bool(llama_cpp.llama_vocab_is_eog(self.vocab, token))
 
     def eog_tokens(self) -> list[int]:
         if self._eog is None:

@@ -12,6 +12,8 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
+from ggufchat.engine import grammar
+from ggufchat.engine.grammar import GrammarLimits
 from ggufchat.engine.sampling import SamplingParams
 from ggufchat.engine.types import Finish, GenerationRequest
 from ggufchat.errors import InvalidParameter, Unsupported
@@ -79,22 +81,16 @@ def stop_list(stop: str | list[str] | None) -> list[str]:
     return stops
 
 
-def grammar_for(fmt: ResponseFormat | None) -> str | None:
+def grammar_for(fmt: ResponseFormat | None, limits: GrammarLimits) -> str | None:
     """A GBNF grammar that enforces the response format, or None for free text."""
     if fmt is None or fmt.type == "text":
         return None
-    from llama_cpp.llama_grammar import JSON_GBNF, json_schema_to_gbnf
-
     if fmt.type == "json_object":
-        return JSON_GBNF
+        return grammar.json_object()
     schema = fmt.json_schema.schema_ if fmt.json_schema else None
     if schema is None:
         raise InvalidParameter("response_format json_schema needs json_schema.schema", param="response_format")
-    try:
-        return json_schema_to_gbnf(json.dumps(schema))
-    except Exception as exc:  # the converter raises plain ValueError/KeyError/... on schemas it cannot do
-        raise Unsupported(f"this JSON schema cannot be turned into a grammar: {exc}",
-                          param="response_format") from exc
+    return grammar.from_schema(schema, limits)
 
 
 # Request fields copied to SamplingParams under the same name when the client sets them.
@@ -114,8 +110,6 @@ def _sampling(req, fields: tuple[str, ...]) -> SamplingParams:
 def sampling_params(req: _Sampling, grammar: str | None, seed_offset: int = 0) -> SamplingParams:
     params = _sampling(req, _SAMPLING_FIELDS)
     if req.seed is not None and req.seed != -1:  # -1: random, as in llama.cpp
-        if req.seed < 0:
-            raise InvalidParameter("seed must be >= 0 (or -1 for a random one)", param="seed")
         # n > 1 with a seed: distinct but reproducible choices.
         params.seed = (req.seed + seed_offset) % 2**32
     params.grammar = grammar
@@ -128,7 +122,8 @@ def _refuse_unsupported(req: _Sampling) -> None:
         raise Unsupported("logprobs are not supported", param="logprobs")
 
 
-def chat_requests(req: ChatCompletionRequest, prompt_tokens: list[int]) -> list[GenerationRequest]:
+def chat_requests(req: ChatCompletionRequest, prompt_tokens: list[int],
+                  limits: GrammarLimits) -> list[GenerationRequest]:
     _refuse_unsupported(req)
     if req.tools:
         raise Unsupported("tools / function calling are not supported", param="tools")
@@ -136,17 +131,18 @@ def chat_requests(req: ChatCompletionRequest, prompt_tokens: list[int]) -> list[
             and req.max_tokens != req.max_completion_tokens:
         raise InvalidParameter("max_tokens and max_completion_tokens disagree", param="max_tokens")
     max_tokens = req.max_completion_tokens or req.max_tokens
-    return _fan_out(req, prompt_tokens, max_tokens, grammar_for(req.response_format))
+    return _fan_out(req, prompt_tokens, max_tokens, grammar_for(req.response_format, limits))
 
 
-def completion_requests(req: CompletionRequest, prompt_tokens: list[int]) -> list[GenerationRequest]:
+def completion_requests(req: CompletionRequest, prompt_tokens: list[int],
+                        limits: GrammarLimits) -> list[GenerationRequest]:
     _refuse_unsupported(req)
     if req.suffix:
         raise Unsupported("suffix (fill-in-the-middle) is not supported", param="suffix")
     if req.best_of is not None and req.best_of != req.n:
         raise Unsupported("best_of other than n is not supported", param="best_of")
     max_tokens = req.max_tokens if req.max_tokens is not None else COMPLETIONS_MAX_TOKENS
-    return _fan_out(req, prompt_tokens, max_tokens, grammar_for(req.response_format))
+    return _fan_out(req, prompt_tokens, max_tokens, grammar_for(req.response_format, limits))
 
 
 def _fan_out(req: _Sampling, prompt_tokens: list[int], max_tokens: int | None,

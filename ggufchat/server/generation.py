@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator, Callable
 from starlette.requests import Request
 from starlette.types import Receive
 
-from ggufchat.engine.engine import AsyncStream, Engine
+from ggufchat.engine.engine import AsyncStream, Engine, Prepared
 from ggufchat.engine.types import Delta, Event, Finish, GenerationRequest
 from ggufchat.errors import RequestTimeout
 from ggufchat.server.convert import Choice
@@ -20,6 +20,18 @@ from ggufchat.server.lifecycle import Lease, ModelHolder
 from ggufchat.server.metrics import Metrics
 
 log = logging.getLogger(__name__)
+
+
+def _prepare(engine: Engine, requests: list[GenerationRequest]) -> list[Prepared]:
+    prepared: list[Prepared] = []
+    try:
+        for req in requests:
+            prepared.append(engine.prepare(req))
+    except BaseException:
+        for p in prepared:
+            p.discard()
+        raise
+    return prepared
 
 
 class Generation:
@@ -42,13 +54,15 @@ class Generation:
         self._closed = False
 
     @classmethod
-    async def start(cls, holder: ModelHolder, lease: Lease, requests: list[GenerationRequest],
+    async def start(cls, holder: ModelHolder, lease: Lease, prepared: list[Prepared],
                     http_request: Request | None = None, *, watch_disconnect: bool = False) -> Generation:
-        gen = cls(holder, lease, requests, http_request)
+        gen = cls(holder, lease, [p.request for p in prepared], http_request)
         try:
-            for req in requests:
-                gen.streams.append(lease.engine.submit_async(req))
+            for p in prepared:
+                gen.streams.append(lease.engine.submit_async(p))
         except BaseException:
+            for p in prepared:
+                p.discard()
             gen.close()
             raise
         timeout = holder.config.timeout
@@ -61,11 +75,15 @@ class Generation:
     @classmethod
     async def open(cls, holder: ModelHolder, http_request: Request, n_seq: int,
                    build: Callable[[Engine], list[GenerationRequest]], *, stream: bool) -> Generation:
-        """Lease the engine for n_seq sequences, build the requests with it, and start them. Streams are
-        cancelled on disconnect by starlette; other responses by a watcher of the connection."""
+        """Lease the engine for n_seq sequences, build and prepare the requests with it off the event
+        loop (templates, tokenizing, grammars: a big request takes seconds, and every other client would
+        wait for it), and start them. Streams are cancelled on disconnect by EventStream, other
+        responses by a watcher of the connection."""
         lease = await holder.lease(n_seq)
         try:
-            return await cls.start(holder, lease, build(lease.engine), http_request, watch_disconnect=not stream)
+            engine = lease.engine
+            prepared = await holder.off_loop(lambda: _prepare(engine, build(engine)))
+            return await cls.start(holder, lease, prepared, http_request, watch_disconnect=not stream)
         except BaseException:
             lease.release()
             raise
@@ -93,6 +111,7 @@ class Generation:
         self.metrics.cancelled.labels(why).inc(len(running))
         for stream in running:
             stream.cancel()
+        self.lease.release_admission()  # they end at the engine's next step; the queue need not wait
 
     async def next(self) -> tuple[int, Event] | None:
         """The next (choice index, event); None once every sequence has finished, or RequestTimeout

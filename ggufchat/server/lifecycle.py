@@ -10,16 +10,21 @@ import asyncio
 import collections
 import logging
 import math
+import os
 import statistics
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from ggufchat.engine import Engine
 from ggufchat.errors import EngineStopped, QueueFull
 from ggufchat.server.metrics import Metrics
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -35,18 +40,31 @@ class ServerConfig:
 
 
 class Lease:
-    """A request's hold on the engine; release() exactly once (extra calls are harmless)."""
+    """A request's hold on the engine; release() exactly once (extra calls are harmless).
+
+    It holds two things: a place in the admission count (running + queued sequences, what 429 is
+    decided on) and the engine itself (no unload under it). A cancelled request gives its place back
+    at once (release_admission), though the engine ends its sequences only at its next step: a burst
+    of clients that give up must not make the next one wait for a 429 (seen after 200 aborted
+    connections, while a long prefill held the engine)."""
 
     def __init__(self, holder: ModelHolder, engine: Engine, n_seq: int) -> None:
         self.holder = holder
         self.engine = engine
         self.n_seq = n_seq
         self.t_start = time.perf_counter()
+        self._admitted = True
         self._released = False
+
+    def release_admission(self) -> None:
+        if self._admitted:
+            self._admitted = False
+            self.holder.in_flight -= self.n_seq
 
     def release(self) -> None:
         if not self._released:
             self._released = True
+            self.release_admission()
             self.holder._release(self)
 
 
@@ -73,6 +91,11 @@ class ModelHolder:
         self._lock = asyncio.Lock()
         self._idle_task: asyncio.Task | None = None
         self._load_task: asyncio.Task | None = None
+        # Preparing a request (template, tokenizing, a grammar) runs here, never on the event loop.
+        # As many threads as the default executor: tokenizing releases the GIL, and one big request
+        # must not make the small ones behind it wait.
+        self._pool = ThreadPoolExecutor(max_workers=min(32, (os.cpu_count() or 1) + 4),
+                                        thread_name_prefix="ggufchat-prepare")
         metrics.model_loaded.set(1 if engine is not None else 0)
         metrics.watch(self._queue_depth, self._active, self._steps, self._decode_seconds)
 
@@ -105,7 +128,12 @@ class ModelHolder:
             if self.on_fatal is not None:
                 self.on_fatal(exc)
 
+    async def off_loop(self, fn: Callable[[], T]) -> T:
+        """Run fn on a preparation thread and wait for it without blocking the event loop."""
+        return await asyncio.get_running_loop().run_in_executor(self._pool, fn)
+
     async def stop(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
         for task in (self._idle_task, self._load_task):
             if task is not None:
                 task.cancel()
@@ -141,13 +169,26 @@ class ModelHolder:
         return Lease(self, engine, n_seq)
 
     def _release(self, lease: Lease) -> None:
-        self.in_flight -= lease.n_seq
         self.users -= 1
         self.last_used = time.monotonic()
         self._durations.append(time.perf_counter() - lease.t_start)
 
+    def check_engine(self) -> None:
+        """Notice an engine whose decode loop died: the server is then unhealthy (GET /health 503) and
+        every request gets 503, rather than being accepted and never answered."""
+        engine = self.engine
+        if engine is not None and self.state != "failed" and engine.failure is not None:
+            self.state = "failed"
+            self.error = engine.failure
+            self.metrics.model_loaded.set(0)
+            log.error("the engine stopped; the server now answers 503 until it is restarted: %s", engine.failure)
+
     async def acquire_engine(self) -> Engine:
         engine = self.engine
+        self.check_engine()
+        if self.state == "failed" and engine is not None:
+            raise EngineStopped(f"{self.error}; restart the server",
+                                hint="The engine thread failed; see the server log.")
         if engine is not None and self.state == "ready":
             return engine
         async with self._lock:

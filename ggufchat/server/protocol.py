@@ -9,15 +9,34 @@ Departures from the OpenAI API, on purpose:
 - Features we do not implement are refused with 400 rather than ignored: `logprobs`, `tools`,
   `suffix`, `best_of` != n, non-text content parts.
 - Unknown fields are ignored (clients send `store`, `metadata`, `user`, ...), as OpenAI does.
+- Text with lone surrogates (JSON `"\\ud800"`, or the raw bytes ED A0 80, which Python's JSON
+  parser lets through) is accepted with each one replaced by U+FFFD, as a browser would show it.
+- `seed` must fit llama.cpp's 32 bits (0 .. 2**32-1, or -1 for a random one); OpenAI takes any int64.
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+
+from ggufchat.engine.tokens import scrub_surrogates
 
 MAX_N = 16
+
+
+def _valid_unicode(text: str) -> str:
+    if text.isascii():
+        return text
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return scrub_surrogates(text)
+    return text
+
+
+# Every string a client sends: it reaches the tokenizer, hashes and JSON replies, which all need UTF-8.
+Text = Annotated[str, AfterValidator(_valid_unicode)]
 
 
 class _Wire(BaseModel):
@@ -26,13 +45,13 @@ class _Wire(BaseModel):
 
 class ContentPart(_Wire):
     type: str
-    text: str | None = None
+    text: Text | None = None
 
 
 class ChatMessage(_Wire):
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[ContentPart] | None = None
-    name: str | None = None
+    content: Text | list[ContentPart] | None = None
+    name: Text | None = None
 
 
 class JsonSchemaSpec(_Wire):
@@ -58,8 +77,8 @@ class _Sampling(_Wire):
     temperature: float | None = Field(default=None, ge=0, le=2)
     top_p: float | None = Field(default=None, ge=0, le=1)
     n: int = Field(default=1, ge=1, le=MAX_N)
-    stop: str | list[str] | None = None
-    seed: int | None = None
+    stop: Text | list[Text] | None = None
+    seed: int | None = Field(default=None, ge=-1, lt=2**32)
     presence_penalty: float | None = Field(default=None, ge=-2, le=2)
     frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
     stream: bool = False
@@ -82,9 +101,9 @@ class ChatCompletionRequest(_Sampling):
 
 
 class CompletionRequest(_Sampling):
-    prompt: str | list[str] | list[int] | list[list[int]]
+    prompt: Text | list[Text] | list[int] | list[list[int]]
     echo: bool = False
-    suffix: str | None = None
+    suffix: Text | None = None
     best_of: int | None = None
     response_format: ResponseFormat | None = None  # not in OpenAI's completions; llama-server has it
 
@@ -92,9 +111,9 @@ class CompletionRequest(_Sampling):
 class SimpleRequest(_Wire):
     """The seeds' `POST /` body. `history`: [{"role", "content"}, ...] or [[user, assistant], ...]."""
 
-    prompt: str
-    history: list[ChatMessage | list[str]] = Field(default_factory=list)
-    system: str | None = None
+    prompt: Text
+    history: list[ChatMessage | list[Text]] = Field(default_factory=list)
+    system: Text | None = None
     max_tokens: int | None = Field(default=None, ge=1)
     max_length: int | None = Field(default=None, ge=1)  # the seed's Streamlit slider name
     temperature: float | None = Field(default=None, ge=0, le=2)
@@ -104,11 +123,11 @@ class SimpleRequest(_Wire):
 class ChatRouteRequest(_Wire):
     """The EverAI seed's `POST /chat` body."""
 
-    prompt: str
+    prompt: Text
 
 
 class TokenizeRequest(_Wire):
-    content: str
+    content: Text
     add_special: bool = False
     parse_special: bool = True
     with_pieces: bool = False

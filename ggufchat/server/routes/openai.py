@@ -20,7 +20,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request,
                            srv: ServerState = Depends(server_state)):
     """Chat completion (OpenAI API); `stream: true` for server-sent events."""
     gen = await Generation.open(srv.holder, request, body.n, lambda engine: convert.chat_requests(
-        body, engine.chat_tokens(convert.chat_messages(body.messages))), stream=body.stream)
+        body, engine.chat_tokens(convert.chat_messages(body.messages)), engine.grammar_limits), stream=body.stream)
     rid = convert.new_id("chatcmpl")
     model = srv.config.model_id
     if body.stream:
@@ -43,7 +43,7 @@ async def completions(body: CompletionRequest, request: Request, srv: ServerStat
         else:
             tokens = prompt
             echo = engine.detokenize(prompt) if body.echo else ""
-        return convert.completion_requests(body, tokens)
+        return convert.completion_requests(body, tokens, engine.grammar_limits)
 
     gen = await Generation.open(srv.holder, request, body.n, build, stream=body.stream)
     rid = convert.new_id("cmpl")

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import json
+from collections.abc import Callable
+
 from fastapi import APIRouter, Depends
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from ggufchat.errors import InvalidParameter
+from ggufchat.engine import Engine
 from ggufchat.server.errors import error_body
 from ggufchat.server.protocol import DetokenizeRequest, TokenizeRequest
 from ggufchat.server.state import ServerState, server_state
@@ -17,15 +20,21 @@ router = APIRouter(tags=["Server"])
 @router.get("/health")
 async def health(srv: ServerState = Depends(server_state)):
     """200 when requests can be served (also when the model is unloaded for idleness: the next request
-    reloads it); 503 while the model loads or after it failed to load."""
+    reloads it); 503 while the model loads, after it failed to load, or after the engine stopped."""
     holder = srv.holder
+    holder.check_engine()
     if holder.state == "ready":
         engine = holder.engine
         return {"status": "ok", "model": srv.config.model_id, "slots_processing": engine.scheduler.active_count,
                 "queue_depth": engine.scheduler.queue_depth}
     if holder.state == "unloaded":
         return {"status": "idle", "model": srv.config.model_id}
-    message = "the model is loading" if holder.state == "loading" else f"the model failed to load: {holder.error}"
+    if holder.state == "loading":
+        message = "the model is loading"
+    elif holder.engine is not None:
+        message = f"{holder.error}; restart the server"
+    else:
+        message = f"the model failed to load: {holder.error}"
     body = error_body(message, "server_error", code="model_" + holder.state)
     return JSONResponse({**body, "status": holder.state}, status_code=503, headers={"Retry-After": "1"})
 
@@ -39,27 +48,30 @@ async def metrics(srv: ServerState = Depends(server_state)):
 @router.post("/tokenize")
 async def tokenize(body: TokenizeRequest, srv: ServerState = Depends(server_state)):
     """Text -> token ids (with `with_pieces`, each id with its text)."""
-    lease = await srv.holder.lease(0)
-    try:
-        engine = lease.engine
+
+    def work(engine: Engine) -> Response:
         tokens = engine.tokenize(body.content, add_special=body.add_special, parse_special=body.parse_special)
         if body.with_pieces:
-            return {"tokens": [{"id": t, "piece": engine.detokenize([t])} for t in tokens]}
-        return {"tokens": tokens}
-    finally:
-        lease.release()
+            return _json({"tokens": [{"id": t, "piece": engine.detokenize([t])} for t in tokens]})
+        return _json({"tokens": tokens})
+
+    return await _off_loop(srv, work)
 
 
 @router.post("/detokenize")
 async def detokenize(body: DetokenizeRequest, srv: ServerState = Depends(server_state)):
     """Token ids -> text."""
+    return await _off_loop(srv, lambda engine: _json({"content": engine.detokenize(body.tokens)}))
+
+
+async def _off_loop(srv: ServerState, work: Callable[[Engine], Response]) -> Response:
+    # A megabyte of text is a second of tokenizing and its JSON as long again: not on the event loop.
     lease = await srv.holder.lease(0)
     try:
-        engine = lease.engine
-        bad = [t for t in body.tokens if not 0 <= t < engine.tokenizer.n_vocab]
-        if bad:
-            raise InvalidParameter(f"token id {bad[0]} is outside the vocabulary (0..{engine.tokenizer.n_vocab - 1})",
-                                   param="tokens")
-        return {"content": engine.detokenize(body.tokens)}
+        return await srv.holder.off_loop(lambda: work(lease.engine))
     finally:
         lease.release()
+
+
+def _json(content) -> Response:
+    return Response(json.dumps(content, ensure_ascii=False).encode(), media_type="application/json")
