@@ -10,7 +10,7 @@ PYTEST_ARGS ?=
 LLAMA_CMAKE_ARGS ?= -DGGML_RPC=on
 LLAMA_WHEELS ?= $(HOME)/.cache/ggufchat/wheels/llama-cpp-python-0.3.36-rpc
 
-.PHONY: install chat test lint bench bench-engine bench-server llama-tools clean
+.PHONY: install chat test lint bench bench-engine bench-server soak llama-tools clean
 
 $(STAMP): pyproject.toml scripts/llama_wheel.sh
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -48,6 +48,13 @@ bench: install llama-tools
 bench-server: install llama-tools
 	$(BIN)/python -m pip install --quiet sse-starlette starlette-context  # llama_cpp.server's extras
 	$(BIN)/python scripts/bench_servers.py --interleave --rounds 6 --lcp-rounds 3 --markdown artifacts/bench_servers.md
+
+# N streaming clients for M minutes against a fresh `ggufchat serve`, with random disconnects and bad
+# requests; fails on 5xx, dropped streams, leaked sequences or RSS growth. Serve flags go after `--`:
+# make soak SOAK_ARGS="--clients 4 --minutes 2 -- -np 8"
+SOAK_ARGS ?= --clients 8 --minutes 10
+soak: install
+	$(BIN)/python scripts/soak.py --json artifacts/soak.json $(SOAK_ARGS)
 
 bench-engine: install
 	$(BIN)/ggufchat bench
