@@ -46,6 +46,19 @@ def serve(
                                                **_env("IDLE_UNLOAD"))] = 0,
     max_body: Annotated[int, typer.Option("--max-body", help="Largest request body in bytes.",
                                           **_env("MAX_BODY"))] = 4 << 20,
+    header_timeout: Annotated[float, typer.Option("--header-timeout", help="Seconds a client may take to send "
+                                                  "a request's headers; then it is closed (0 = no limit).",
+                                                  **_env("HEADER_TIMEOUT"))] = 10,
+    body_timeout: Annotated[float, typer.Option("--body-timeout", help="Seconds a client may take to send a "
+                                                "request's body (0 = no limit).", **_env("BODY_TIMEOUT"))] = 60,
+    keep_alive: Annotated[float, typer.Option("--keep-alive", help="Seconds an idle connection stays open "
+                                              "for the next request (0 = close after each response).",
+                                              **_env("KEEP_ALIVE"))] = 15,
+    max_connections: Annotated[int, typer.Option("--max-connections", help="Open connections; beyond that "
+                                                 "the one waiting longest for a request is closed, or with "
+                                                 "none waiting the new request is answered 503 (0 = no "
+                                                 "limit).",
+                                                 **_env("MAX_CONNECTIONS"))] = 1000,
     alias: Annotated[str | None, typer.Option("--alias", help="Model id reported by /v1/models (default: "
                                                  "the MODEL you named, or the file name).",
                                                  **_env("ALIAS"))] = None,
@@ -77,6 +90,8 @@ def serve(
         raise InvalidParameter("-np/--parallel must be at least 1", param="parallel")
     if max_queue < 0 or timeout < 0 or idle_unload < 0 or max_body < 1:
         raise InvalidParameter("--max-queue, --timeout and --idle-unload must be >= 0, --max-body positive")
+    if min(header_timeout, body_timeout, keep_alive, max_connections) < 0:
+        raise InvalidParameter("--header-timeout, --body-timeout, --keep-alive and --max-connections must be >= 0")
     spec = o.pick_model(model_arg, model)
     load = o.load_options(
         model=spec, n_gpu_layers=n_gpu_layers, flash_attn=flash_attn, ctx_size=ctx_size, threads=threads,
@@ -104,7 +119,11 @@ def serve(
     if host not in ("127.0.0.1", "localhost", "::1") and not config.api_keys:
         print(f"ggufchat: warning: listening on {host} without an API key: anyone who can reach this port "
               "can use the model", file=sys.stderr)
-    _run(config, load, host, port, chat_template, chat_template_file)
+    from ggufchat.server.connections import HttpLimits
+
+    limits = HttpLimits(header_timeout=header_timeout or None, body_timeout=body_timeout or None,
+                        keep_alive=keep_alive, max_connections=max_connections or None)
+    _run(config, load, limits, host, port, chat_template, chat_template_file)
 
 
 def _model_id(spec: str | None, path: Path) -> str:
@@ -138,11 +157,12 @@ def _bind(host: str, port: int) -> socket.socket:
                                hint="Pick another --port, or stop what is using this one.") from exc
 
 
-def _run(config, load, host: str, port: int, chat_template, chat_template_file) -> None:
+def _run(config, load, limits, host: str, port: int, chat_template, chat_template_file) -> None:
     import uvicorn
 
     from ggufchat.engine import Engine
     from ggufchat.server.app import create_app
+    from ggufchat.server.connections import raise_open_file_limit, uvicorn_config
 
     sock = _bind(host, port)
     bound = sock.getsockname()[1]
@@ -161,8 +181,8 @@ def _run(config, load, host: str, port: int, chat_template, chat_template_file) 
     url_host = f"[{host}]" if ":" in host else host
     print(f"ggufchat: serving {load.model_path} as {config.model_id!r} on http://{url_host}:{bound} "
           f"(-np {config.n_parallel}; OpenAI API at /v1, docs at /docs)", file=sys.stderr, flush=True)
-    uv_config = uvicorn.Config(app, log_config=None, timeout_graceful_shutdown=5, server_header=False)
-    server = uvicorn.Server(uv_config)
+    raise_open_file_limit(limits.max_connections)
+    server = uvicorn.Server(uvicorn_config(app, limits, graceful_shutdown=5))
     try:
         server.run(sockets=[sock])
     except KeyboardInterrupt:

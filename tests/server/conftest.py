@@ -14,15 +14,17 @@ import uvicorn
 
 from ggufchat.engine import Engine
 from ggufchat.server.app import create_app
+from ggufchat.server.connections import HttpLimits, uvicorn_config
 from ggufchat.server.lifecycle import ServerConfig
 
 
 @contextmanager
-def running(app) -> Iterator[str]:
-    """Serve `app` on a free port in a background thread; yields its base URL."""
+def running(app, limits: HttpLimits | None = None) -> Iterator[str]:
+    """Serve `app` on a free port in a background thread, with `ggufchat serve`'s uvicorn settings;
+    yields its base URL."""
     sock = socket.create_server(("127.0.0.1", 0))
     port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_config=None, timeout_graceful_shutdown=2))
+    server = uvicorn.Server(uvicorn_config(app, limits, graceful_shutdown=2))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30
@@ -40,12 +42,14 @@ def running(app) -> Iterator[str]:
 
 @contextmanager
 def serve(engine: Engine | None = None, **config) -> Iterator[str]:
-    """A server with its own config over the shared engine (or a factory given as factory=...)."""
+    """A server with its own config over the shared engine (or a factory given as factory=...;
+    connection limits as limits=HttpLimits(...))."""
     factory = config.pop("factory", None)
+    limits = config.pop("limits", None)
     config.setdefault("model_id", "smollm2-test")
     config.setdefault("n_parallel", engine.n_seq_max if engine is not None else 2)
     app = create_app(ServerConfig(**config), engine=engine, factory=factory)
-    with running(app) as url:
+    with running(app, limits) as url:
         yield url
 
 
