@@ -19,12 +19,13 @@ script started the server or was given --server-pid) and /metrics are sampled.
 
 When the time is up the clients finish the requests in flight, the server gets --settle-s to drain, and a
 summary table is printed (requests by kind and outcome, tokens, aggregate t/s, TTFT, RSS, the gauges at
-the end). The exit status is 1 on any of: a 5xx; a connection error or a dropped response on a request
-that was not abandoned on purpose; a malformed response (error event, no [DONE], no finish_reason, a
-token count that ignore_eos does not explain); a bad request not refused with a 4xx JSON error;
-ggufchat_active_sequences or ggufchat_queue_depth above 0 after settling; /health not 200 within
---health-timeout; RSS growth after the warm-up above --rss-growth-mib; a traceback or ERROR line in the
-server log; a server that does not stop on SIGTERM. 2 when the server cannot be started.
+the end; to read the speed by, the engine's steps and llama_decode time per step, the server's CPU time
+and the machine's load average). The exit status is 1 on any of: a 5xx; a connection error or a
+dropped response on a request that was not abandoned on purpose; a malformed response (error event, no
+[DONE], no finish_reason, a token count that ignore_eos does not explain); a bad request not refused
+with a 4xx JSON error; ggufchat_active_sequences or ggufchat_queue_depth above 0 after settling; /health
+not 200 within --health-timeout; RSS growth after the warm-up above --rss-growth-mib; a traceback or
+ERROR line in the server log; a server that does not stop on SIGTERM. 2 when the server cannot start.
 
     python scripts/soak.py [--clients 8] [--minutes 10] [--disconnect-fraction 0.3] [--bad-fraction 0.08]
         [--rss-growth-mib 64] [--max-tokens 96] [--seed 0] [--url URL [--server-pid PID]] [--json OUT]
@@ -526,6 +527,24 @@ def rss_kib(pid: int) -> int | None:
     return None
 
 
+def cpu_s(pid: int) -> float | None:
+    """The process's user + system CPU seconds (/proc/PID/stat fields 14 and 15)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return round((int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK"), 2)
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def load1() -> float | None:
+    """The machine's 1-minute load average: on a shared machine, what the throughput is to be read against."""
+    try:
+        return float(Path("/proc/loadavg").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def parse_metrics(text: str) -> dict[str, dict[str, float]]:
     """Prometheus text -> {name: {labels: value}} (labels as written, '' when none)."""
     out: dict[str, dict[str, float]] = {}
@@ -562,9 +581,10 @@ class Sampler:
         self.t0 = time.monotonic()
 
     async def sample(self) -> dict:
-        s: dict = {"t": round(time.monotonic() - self.t0, 2)}
+        s: dict = {"t": round(time.monotonic() - self.t0, 2), "load1": load1()}
         if self.pid is not None:
             s["rss_kib"] = rss_kib(self.pid)
+            s["cpu_s"] = cpu_s(self.pid)
         t = time.perf_counter()
         try:
             status, body = await http_get(self.target, "/metrics", 10.0)
@@ -573,6 +593,10 @@ class Sampler:
                 m = parse_metrics(body.decode("utf-8", "replace"))
                 s["active"] = gauge(m, "ggufchat_active_sequences")
                 s["queue"] = gauge(m, "ggufchat_queue_depth")
+                # Engine progress between samples: steps that stop while sequences are active is a stall;
+                # decode seconds per step that balloon is a CPU shared with something else.
+                s["steps"] = gauge(m, "ggufchat_engine_steps")
+                s["decode_s"] = gauge(m, "ggufchat_engine_decode_seconds")
                 s["metrics"] = m
             else:
                 self.scrape_errors.append(f"/metrics: HTTP {status}")
@@ -665,6 +689,30 @@ async def soak(args, target: Target, pid: int | None) -> dict:
     return summarize(args, results, sampler, final, health, drained_s, t_start, t_clients_done, duration)
 
 
+def engine_progress(samples: list[dict]) -> dict:
+    """Steps, decode time and server CPU over the run, the machine's load, and the longest time the engine
+    made no step while sequences were active (a stall, as opposed to a slow but moving engine)."""
+    with_steps = [s for s in samples if s.get("steps") is not None]
+    out: dict = {"load1_max": max((s["load1"] for s in samples if s.get("load1") is not None), default=None)}
+    cpu = [s["cpu_s"] for s in samples if s.get("cpu_s") is not None]
+    out["server_cpu_s"] = round(cpu[-1] - cpu[0], 1) if len(cpu) >= 2 else None
+    if len(with_steps) >= 2:
+        a, b = with_steps[0], with_steps[-1]
+        steps = b["steps"] - a["steps"]
+        out["engine_steps"] = int(steps)
+        if b.get("decode_s") is not None and a.get("decode_s") is not None and steps > 0:
+            out["decode_ms_per_step"] = round((b["decode_s"] - a["decode_s"]) / steps * 1000, 2)
+        stall, longest = 0.0, 0.0
+        for prev, cur in zip(with_steps, with_steps[1:], strict=False):
+            if prev.get("active") and cur.get("active") and cur["steps"] == prev["steps"]:
+                stall += cur["t"] - prev["t"]
+                longest = max(longest, stall)
+            else:
+                stall = 0.0
+        out["longest_stall_s"] = round(longest, 1)
+    return out
+
+
 def _ms(x: float | None) -> float | None:
     return None if x is None else round(x * 1000.0, 1)
 
@@ -717,6 +765,7 @@ def summarize(args, results: list[Result], sampler: Sampler, final: dict, health
         - (gauge(base, "ggufchat_generated_tokens_total") or 0),
         "scrape_ms_max": max((s.get("scrape_ms") or 0 for s in sampler.samples), default=None),
         "scrape_errors": sampler.scrape_errors[:5], "n_scrape_errors": len(sampler.scrape_errors),
+        **engine_progress(sampler.samples),
     }
 
     reasons: list[str] = []
@@ -804,6 +853,10 @@ def format_summary(s: dict) -> str:
                + json.dumps(sv["requests_by_status"], sort_keys=True)
                + ", cancelled " + json.dumps(sv["cancelled"], sort_keys=True) +
                f", /metrics scrape max {sv['scrape_ms_max']} ms")
+    if sv.get("engine_steps") is not None:
+        out.append(f"engine: {sv['engine_steps']} steps, {sv.get('decode_ms_per_step')} ms in llama_decode per step, "
+                   f"longest stall with active sequences {sv['longest_stall_s']} s; server CPU {sv['server_cpu_s']} s; "
+                   f"machine load (1 min) max {sv['load1_max']}")
     if "stop" in s:
         st = s["stop"]
         out.append(f"server stop: exit code {st['exit_code']} after {st['stop_s']} s"
