@@ -11,6 +11,7 @@ from typing import Annotated
 import typer
 
 from ggufchat.cli import options as o
+from ggufchat.engine.grammar import GrammarLimits
 from ggufchat.errors import InvalidParameter
 
 _SERVER = "Server"
@@ -46,6 +47,19 @@ def serve(
                                                **_env("IDLE_UNLOAD"))] = 0,
     max_body: Annotated[int, typer.Option("--max-body", help="Largest request body in bytes.",
                                           **_env("MAX_BODY"))] = 4 << 20,
+    max_messages: Annotated[int, typer.Option("--max-messages", help="Chat messages in one request.",
+                                              **_env("MAX_MESSAGES"))] = 2048,
+    max_grammar_bytes: Annotated[int, typer.Option("--max-grammar-bytes", help="Largest grammar a "
+                                                   "response_format may compile to, in bytes of GBNF.",
+                                                   **_env("MAX_GRAMMAR_BYTES"))] = GrammarLimits.max_bytes,
+    max_grammar_alternatives: Annotated[int, typer.Option("--max-grammar-alternatives", help="Alternatives "
+                                                          "(enum values, anyOf branches) in such a grammar: "
+                                                          "each one slows every decode step while it is used.",
+                                                          **_env("MAX_GRAMMAR_ALTERNATIVES"))]
+    = GrammarLimits.max_alternatives,
+    max_schema_bytes: Annotated[int, typer.Option("--max-schema-bytes", help="Largest JSON schema in a "
+                                                  "response_format, serialised.",
+                                                  **_env("MAX_SCHEMA_BYTES"))] = GrammarLimits.max_schema_bytes,
     header_timeout: Annotated[float, typer.Option("--header-timeout", help="Seconds a client may take to send "
                                                   "a request's headers; then it is closed (0 = no limit).",
                                                   **_env("HEADER_TIMEOUT"))] = 10,
@@ -90,6 +104,9 @@ def serve(
         raise InvalidParameter("-np/--parallel must be at least 1", param="parallel")
     if max_queue < 0 or timeout < 0 or idle_unload < 0 or max_body < 1:
         raise InvalidParameter("--max-queue, --timeout and --idle-unload must be >= 0, --max-body positive")
+    if min(max_messages, max_grammar_bytes, max_grammar_alternatives, max_schema_bytes) < 1:
+        raise InvalidParameter("--max-messages, --max-grammar-bytes, --max-grammar-alternatives and "
+                               "--max-schema-bytes must be at least 1")
     if min(header_timeout, body_timeout, keep_alive, max_connections) < 0:
         raise InvalidParameter("--header-timeout, --body-timeout, --keep-alive and --max-connections must be >= 0")
     spec = o.pick_model(model_arg, model)
@@ -115,6 +132,7 @@ def serve(
         timeout=timeout or None,
         idle_unload=idle_unload or None,
         max_body_bytes=max_body,
+        max_messages=max_messages,
     )
     if host not in ("127.0.0.1", "localhost", "::1") and not config.api_keys:
         print(f"ggufchat: warning: listening on {host} without an API key: anyone who can reach this port "
@@ -123,7 +141,9 @@ def serve(
 
     limits = HttpLimits(header_timeout=header_timeout or None, body_timeout=body_timeout or None,
                         keep_alive=keep_alive, max_connections=max_connections or None)
-    _run(config, load, limits, host, port, chat_template, chat_template_file)
+    grammar = GrammarLimits(max_bytes=max_grammar_bytes, max_alternatives=max_grammar_alternatives,
+                            max_schema_bytes=max_schema_bytes)
+    _run(config, load, limits, grammar, host, port, chat_template, chat_template_file)
 
 
 def _model_id(spec: str | None, path: Path) -> str:
@@ -157,7 +177,7 @@ def _bind(host: str, port: int) -> socket.socket:
                                hint="Pick another --port, or stop what is using this one.") from exc
 
 
-def _run(config, load, limits, host: str, port: int, chat_template, chat_template_file) -> None:
+def _run(config, load, limits, grammar, host: str, port: int, chat_template, chat_template_file) -> None:
     import uvicorn
 
     from ggufchat.engine import Engine
@@ -175,7 +195,8 @@ def _run(config, load, limits, host: str, port: int, chat_template, chat_templat
             server.should_exit = True
 
     def factory() -> Engine:
-        return Engine(load, chat_template=chat_template, chat_template_file=chat_template_file)
+        return Engine(load, chat_template=chat_template, chat_template_file=chat_template_file,
+                      grammar_limits=grammar)
 
     app = create_app(config, factory=factory, on_fatal=on_fatal)
     url_host = f"[{host}]" if ":" in host else host

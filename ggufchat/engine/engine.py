@@ -100,8 +100,10 @@ class Engine:
     """One loaded model serving up to `n_seq_max` sequences at once."""
 
     def __init__(self, options: LoadOptions, *, chat_template: str | None = None,
-                 chat_template_file: str | Path | None = None) -> None:
+                 chat_template_file: str | Path | None = None,
+                 grammar_limits: gbnf.GrammarLimits | None = None) -> None:
         self.options = options
+        self.grammar_limits = grammar_limits or gbnf.GrammarLimits()
         self._closed = False
         # The model is loaded on the thread that will decode with it: llama.cpp's OpenMP team belongs
         # to the thread that first computes, and a second team left spinning by a loading thread
@@ -111,7 +113,6 @@ class Engine:
                                         name="ggufchat-engine", daemon=True)
         self._thread.start()
         self.model, self.tokenizer, self.scheduler = ready.result()
-        self.grammar_limits = gbnf.GrammarLimits()
         try:
             self.template = self._pick_template(chat_template, chat_template_file)
         except BaseException:
@@ -182,8 +183,10 @@ class Engine:
     def tokenize(self, text: str, *, add_special: bool = True, parse_special: bool = False) -> list[int]:
         return self.tokenizer.tokenize(text, add_special=add_special, parse_special=parse_special)
 
-    def detokenize(self, tokens: list[int]) -> str:
-        """Ids from anywhere (a client's too): an id outside the vocabulary is an InvalidParameter."""
+    def detokenize(self, tokens: list[int], *, param: str = "tokens") -> str:
+        """Ids from anywhere (a client's too): an id outside the vocabulary is an InvalidParameter
+        naming `param`."""
+        self.tokenizer.check_ids(tokens, param)
         return self.tokenizer.detokenize(tokens)
 
     def render_chat(self, messages: list[dict[str, Any]], *, add_generation_prompt: bool = True) -> str:

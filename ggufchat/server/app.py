@@ -11,10 +11,11 @@ from fastapi.middleware.cors import CORSMiddleware
 
 from ggufchat import __version__
 from ggufchat.engine import Engine
-from ggufchat.server import errors
+from ggufchat.server import body, errors
 from ggufchat.server.lifecycle import ModelHolder, ServerConfig
 from ggufchat.server.metrics import Metrics
 from ggufchat.server.middleware import ApiKeyAuth, BodyLimit, RequestMetrics
+from ggufchat.server.protocol import BODY_MODELS
 from ggufchat.server.routes import openai, simple, system, web
 from ggufchat.server.state import ServerState
 
@@ -56,6 +57,20 @@ def create_app(config: ServerConfig, *, engine: Engine | None = None, factory: C
         app.add_middleware(CORSMiddleware, allow_origins=config.cors_origins, allow_methods=["GET", "POST"],
                            allow_headers=["Authorization", "Content-Type"], expose_headers=["Retry-After"],
                            max_age=600)
+    _document_bodies(app)
     routes = {getattr(r, "path", "") for r in [*app.routes, *(r for router in routers for r in router.routes)]}
     app.add_middleware(RequestMetrics, metrics=metrics, routes=routes)
     return app
+
+
+def _document_bodies(app: FastAPI) -> None:
+    """The routes parse their bodies themselves (server/body.py); their models go into the OpenAPI
+    document's components, where the routes' openapi_extra points."""
+    generate = app.openapi
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            body.add_schemas(generate(), BODY_MODELS)
+        return app.openapi_schema
+
+    app.openapi = openapi

@@ -37,6 +37,7 @@ class ServerConfig:
     timeout: float | None = None  # seconds a request may take, None = no limit
     idle_unload: float | None = None  # seconds without requests before the model is freed
     max_body_bytes: int = 4 << 20
+    max_messages: int = 2048  # chat messages in one request
 
 
 class Lease:

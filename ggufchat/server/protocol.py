@@ -135,3 +135,8 @@ class TokenizeRequest(_Wire):
 
 class DetokenizeRequest(_Wire):
     tokens: list[int]
+
+
+# What the routes parse from request bodies (server/body.py), for the OpenAPI document.
+BODY_MODELS: list[type[BaseModel]] = [ChatCompletionRequest, CompletionRequest, SimpleRequest, ChatRouteRequest,
+                                      TokenizeRequest, DetokenizeRequest]

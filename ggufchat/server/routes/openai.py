@@ -7,6 +7,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
 from ggufchat.server import convert
+from ggufchat.server.body import documented, parse
 from ggufchat.server.generation import Generation
 from ggufchat.server.protocol import ChatCompletionRequest, CompletionRequest
 from ggufchat.server.routes.streaming import EventStream, collect
@@ -15,12 +16,13 @@ from ggufchat.server.state import ServerState, server_state
 router = APIRouter(tags=["OpenAI"])
 
 
-@router.post("/v1/chat/completions")
-async def chat_completions(body: ChatCompletionRequest, request: Request,
-                           srv: ServerState = Depends(server_state)):
+@router.post("/v1/chat/completions", openapi_extra=documented(ChatCompletionRequest))
+async def chat_completions(request: Request, srv: ServerState = Depends(server_state)):
     """Chat completion (OpenAI API); `stream: true` for server-sent events."""
+    body = await parse(request, ChatCompletionRequest, srv.holder)
+    messages = convert.chat_messages(body.messages, srv.config.max_messages)
     gen = await Generation.open(srv.holder, request, body.n, lambda engine: convert.chat_requests(
-        body, engine.chat_tokens(convert.chat_messages(body.messages)), engine.grammar_limits), stream=body.stream)
+        body, engine.chat_tokens(messages), engine.grammar_limits), stream=body.stream)
     rid = convert.new_id("chatcmpl")
     model = srv.config.model_id
     if body.stream:
@@ -29,9 +31,10 @@ async def chat_completions(body: ChatCompletionRequest, request: Request,
     return JSONResponse(convert.chat_completion(rid, model, await collect(gen)))
 
 
-@router.post("/v1/completions")
-async def completions(body: CompletionRequest, request: Request, srv: ServerState = Depends(server_state)):
+@router.post("/v1/completions", openapi_extra=documented(CompletionRequest))
+async def completions(request: Request, srv: ServerState = Depends(server_state)):
     """Text completion (OpenAI API): the prompt is continued as is, no chat template."""
+    body = await parse(request, CompletionRequest, srv.holder)
     prompt = convert.completion_prompt(body.prompt)
     echo = ""
 
@@ -42,7 +45,7 @@ async def completions(body: CompletionRequest, request: Request, srv: ServerStat
             echo = prompt if body.echo else ""
         else:
             tokens = prompt
-            echo = engine.detokenize(prompt) if body.echo else ""
+            echo = engine.detokenize(prompt, param="prompt") if body.echo else ""
         return convert.completion_requests(body, tokens, engine.grammar_limits)
 
     gen = await Generation.open(srv.holder, request, body.n, build, stream=body.stream)

@@ -11,6 +11,7 @@ from fastapi.responses import PlainTextResponse
 from ggufchat.engine import Engine
 from ggufchat.engine.types import GenerationRequest
 from ggufchat.server import convert
+from ggufchat.server.body import documented, parse
 from ggufchat.server.generation import Generation
 from ggufchat.server.protocol import ChatRouteRequest, SimpleRequest
 from ggufchat.server.routes.streaming import collect
@@ -24,10 +25,11 @@ async def _reply(srv: ServerState, request: Request, build: Callable[[Engine], G
     return (await collect(gen))[0].content
 
 
-@router.post("/")
-async def simple(body: SimpleRequest, request: Request, srv: ServerState = Depends(server_state)):
+@router.post("/", openapi_extra=documented(SimpleRequest))
+async def simple(request: Request, srv: ServerState = Depends(server_state)):
     """`{"prompt", "history"}` -> `{"response", "status", "time"}`, as the seeds' FastAPI servers answer."""
-    messages = convert.simple_messages(body)
+    body = await parse(request, SimpleRequest, srv.holder)
+    messages = convert.simple_messages(body, srv.config.max_messages)
     text = await _reply(srv, request, lambda engine: convert.simple_request(
         body, engine.chat_tokens(messages), convert.SIMPLE_MAX_TOKENS))
     return convert.simple_response(text)
@@ -48,7 +50,8 @@ async def chat_get(request: Request, prompt: str = Query(min_length=1),
     return await _chat_route(prompt, request, srv)
 
 
-@router.post("/chat", response_class=PlainTextResponse)
-async def chat_post(body: ChatRouteRequest, request: Request, srv: ServerState = Depends(server_state)):
+@router.post("/chat", response_class=PlainTextResponse, openapi_extra=documented(ChatRouteRequest))
+async def chat_post(request: Request, srv: ServerState = Depends(server_state)):
     """`POST /chat` with `{"prompt": ...}` -> the reply as text/plain."""
+    body = await parse(request, ChatRouteRequest, srv.holder)
     return await _chat_route(body.prompt, request, srv)

@@ -5,11 +5,12 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from ggufchat.engine import Engine
+from ggufchat.server.body import documented, parse
 from ggufchat.server.errors import error_body
 from ggufchat.server.protocol import DetokenizeRequest, TokenizeRequest
 from ggufchat.server.state import ServerState, server_state
@@ -45,22 +46,24 @@ async def metrics(srv: ServerState = Depends(server_state)):
     return Response(srv.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
 
-@router.post("/tokenize")
-async def tokenize(body: TokenizeRequest, srv: ServerState = Depends(server_state)):
+@router.post("/tokenize", openapi_extra=documented(TokenizeRequest))
+async def tokenize(request: Request, srv: ServerState = Depends(server_state)):
     """Text -> token ids (with `with_pieces`, each id with its text)."""
+    body = await parse(request, TokenizeRequest, srv.holder)
 
     def work(engine: Engine) -> Response:
         tokens = engine.tokenize(body.content, add_special=body.add_special, parse_special=body.parse_special)
         if body.with_pieces:
-            return _json({"tokens": [{"id": t, "piece": engine.detokenize([t])} for t in tokens]})
-        return _json({"tokens": tokens})
+            return _json_tokens([{"id": t, "piece": engine.detokenize([t])} for t in tokens])
+        return _json_tokens(tokens)
 
     return await _off_loop(srv, work)
 
 
-@router.post("/detokenize")
-async def detokenize(body: DetokenizeRequest, srv: ServerState = Depends(server_state)):
+@router.post("/detokenize", openapi_extra=documented(DetokenizeRequest))
+async def detokenize(request: Request, srv: ServerState = Depends(server_state)):
     """Token ids -> text."""
+    body = await parse(request, DetokenizeRequest, srv.holder)
     return await _off_loop(srv, lambda engine: _json({"content": engine.detokenize(body.tokens)}))
 
 
@@ -75,3 +78,11 @@ async def _off_loop(srv: ServerState, work: Callable[[Engine], Response]) -> Res
 
 def _json(content) -> Response:
     return Response(json.dumps(content, ensure_ascii=False).encode(), media_type="application/json")
+
+
+def _json_tokens(items: list) -> Response:
+    """{"tokens": items}, encoded in slices: one json.dumps of a million items holds the GIL for its whole
+    ~0.1 s, and the event loop would wait that long for it."""
+    step = 4096
+    parts = (json.dumps(items[i:i + step], ensure_ascii=False)[1:-1] for i in range(0, len(items), step))
+    return Response(('{"tokens": [' + ", ".join(parts) + "]}").encode(), media_type="application/json")
