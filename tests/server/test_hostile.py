@@ -183,7 +183,7 @@ def test_big_requests_do_not_stall_other_clients(url: str):
     for name, (path, body, status) in _heavy_requests().items():
         result: dict = {}
 
-        def send() -> None:
+        def send(path: str = path, body: bytes = body, result: dict = result) -> None:
             t0 = time.perf_counter()
             r = requests.post(url + path, data=body, headers={"Content-Type": "application/json"}, timeout=300)
             result.update(status=r.status_code, seconds=time.perf_counter() - t0)
