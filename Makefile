@@ -10,7 +10,7 @@ PYTEST_ARGS ?=
 LLAMA_CMAKE_ARGS ?= -DGGML_RPC=on
 LLAMA_WHEELS ?= $(HOME)/.cache/ggufchat/wheels/llama-cpp-python-0.3.36-rpc
 
-.PHONY: install chat test lint bench bench-engine bench-server soak llama-tools clean
+.PHONY: install chat test lint bench bench-engine bench-server soak stall-probe llama-tools clean
 
 $(STAMP): pyproject.toml scripts/llama_wheel.sh
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -55,6 +55,15 @@ bench-server: install llama-tools
 SOAK_ARGS ?= --clients 8 --minutes 10
 soak: install
 	$(BIN)/python scripts/soak.py --json artifacts/soak.json $(SOAK_ARGS)
+
+# One heavy request at a time (110k chat messages, a 3 MB /tokenize, a 3.9 MiB prompt, grammar bombs...)
+# against a fresh `ggufchat serve`, while /health is probed every 20 ms and two streams run; prints
+# /health and inter-token latency per phase next to a baseline. -t 1 leaves the second core of a 2-core
+# machine to the request being prepared. Serve flags go after `--`:
+# make stall-probe STALL_PROBE_ARGS="--phase-seconds 10 -- -t 2"
+STALL_PROBE_ARGS ?= --phase-seconds 5 -- -t 1
+stall-probe: install
+	$(BIN)/python scripts/stall_probe.py --json artifacts/stall_probe.json $(STALL_PROBE_ARGS)
 
 bench-engine: install
 	$(BIN)/ggufchat bench
