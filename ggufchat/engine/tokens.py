@@ -15,6 +15,8 @@ import llama_cpp
 
 from ggufchat.errors import InvalidParameter
 
+_SLICE = 1 << 16
+
 
 def scrub_surrogates(text: str) -> str:
     """`text` with every lone surrogate replaced by U+FFFD (a valid pair becomes its character)."""
@@ -50,7 +52,14 @@ class Tokenizer:
             cap = -n
             buf = (llama_cpp.llama_token * cap)()
             n = llama_cpp.llama_tokenize(self.vocab, data, len(data), buf, cap, add_special, parse_special)
-        return list(buf[:n])
+        if n <= _SLICE:
+            return buf[:n]
+        # Copied out in slices: one slice of two million ids holds the GIL ~70 ms in a single C call,
+        # and an event loop in another thread waits that long.
+        tokens: list[int] = []
+        for i in range(0, n, _SLICE):
+            tokens += buf[i:min(n, i + _SLICE)]
+        return tokens
 
     def check_ids(self, tokens: list[int], param: str = "prompt") -> None:
         """Refuse ids outside the vocabulary; every id from a client passes here before llama.cpp."""

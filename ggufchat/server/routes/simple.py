@@ -28,7 +28,7 @@ async def _reply(srv: ServerState, request: Request, build: Callable[[Engine], G
 @router.post("/", openapi_extra=documented(SimpleRequest))
 async def simple(request: Request, srv: ServerState = Depends(server_state)):
     """`{"prompt", "history"}` -> `{"response", "status", "time"}`, as the seeds' FastAPI servers answer."""
-    body = await parse(request, SimpleRequest, srv.holder)
+    body = await parse(request, SimpleRequest, srv.holder, max_items={"history": srv.config.max_messages // 2})
     messages = convert.simple_messages(body, srv.config.max_messages)
     text = await _reply(srv, request, lambda engine: convert.simple_request(
         body, engine.chat_tokens(messages), convert.SIMPLE_MAX_TOKENS))
