@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import math
 import random
-from dataclasses import dataclass
 
 import llama_cpp
 import numpy as np
@@ -14,7 +14,7 @@ from ggufchat.engine.tokens import encode_text
 from ggufchat.errors import InvalidParameter
 
 
-@dataclass
+@dataclasses.dataclass
 class SamplingParams:
     temperature: float = 0.8  # 0 = greedy
     top_k: int = 40  # 0 = off
@@ -127,13 +127,81 @@ class ArgmaxSampler(Sampler):
         return int(logits.argmax())
 
 
+# llama_token_data as numpy sees it: {int32 id; float logit; float p}, 12 bytes, no padding.
+_TOKEN_DATA = np.dtype([("id", np.int32), ("logit", np.float32), ("p", np.float32)])
+
+
+class GrammarSampler(Sampler):
+    """Sampling under a grammar, checked after the fact, as llama.cpp's own common sampler does: the
+    sampler chain picks a token from the unconstrained logits and the grammar only has to accept that
+    one token; only when it refuses is the grammar applied to the whole vocabulary and the token
+    picked again. Applying a grammar costs a match of every vocabulary token against every live
+    alternative, milliseconds to seconds a step on the engine thread, where every other sequence
+    waits; checking one token costs microseconds. Greedy picks the same token either way (the best
+    token is the best allowed one whenever the grammar allows it)."""
+
+    def __init__(self, grammar, chain, n_vocab: int) -> None:
+        self.grammar = grammar
+        self.chain = chain
+        self.rows = LogitsRows(n_vocab)
+        self.ids = np.arange(n_vocab, dtype=np.int32)
+        self.cand = np.zeros(n_vocab, dtype=_TOKEN_DATA)
+        self.one = np.zeros(1, dtype=_TOKEN_DATA)
+        ptr = ctypes.POINTER(llama_cpp.llama_token_data)
+        self.all = llama_cpp.llama_token_data_array(self.cand.ctypes.data_as(ptr), n_vocab, -1, False)
+        self.single = llama_cpp.llama_token_data_array(self.one.ctypes.data_as(ptr), 1, -1, False)
+
+    def _pick(self, logits: np.ndarray, *, constrained: bool) -> int:
+        cand, arr = self.cand, self.all
+        cand["id"] = self.ids
+        cand["logit"] = logits
+        cand["p"] = 0.0
+        arr.size, arr.selected, arr.sorted = len(cand), -1, False
+        if constrained:
+            llama_cpp.llama_sampler_apply(self.grammar, ctypes.byref(arr))
+        llama_cpp.llama_sampler_apply(self.chain, ctypes.byref(arr))
+        return arr.data[arr.selected].id  # through the pointer: a sampler may have moved the data
+
+    def _allowed(self, token: int) -> bool:
+        self.one[0] = (token, 1.0, 0.0)
+        self.single.size, self.single.selected, self.single.sorted = 1, -1, False
+        llama_cpp.llama_sampler_apply(self.grammar, ctypes.byref(self.single))
+        return bool(np.isfinite(self.one["logit"][0]))
+
+    def sample(self, ctx, batch_index: int) -> int:
+        logits = self.rows.row(ctx, batch_index)
+        token = self._pick(logits, constrained=False)
+        if not self._allowed(token):
+            token = self._pick(logits, constrained=True)
+        llama_cpp.llama_sampler_accept(self.grammar, token)
+        llama_cpp.llama_sampler_accept(self.chain, token)
+        return token
+
+    def free(self) -> None:
+        for name in ("grammar", "chain"):
+            smpl = getattr(self, name)
+            if smpl is not None:
+                llama_cpp.llama_sampler_free(smpl)
+                setattr(self, name, None)
+
+
 def make_sampler(params: SamplingParams, *, n_vocab: int, n_ctx_seq: int, default_seed: int | None,
                  banned_tokens: list[int] | None = None, vocab=None, history: list[int] | None = None) -> Sampler:
     """`history`: tokens already in the sequence (the prompt), which the penalties look back on."""
     if not params.needs_chain:
         return ArgmaxSampler(n_vocab, banned_tokens)
-    return ChainSampler(build_chain(params, n_vocab=n_vocab, n_ctx_seq=n_ctx_seq, default_seed=default_seed,
-                                    banned_tokens=banned_tokens, vocab=vocab, history=history))
+    if params.grammar is None:
+        return ChainSampler(build_chain(params, n_vocab=n_vocab, n_ctx_seq=n_ctx_seq, default_seed=default_seed,
+                                        banned_tokens=banned_tokens, vocab=vocab, history=history))
+    grammar = grammar_sampler(vocab, params.grammar)
+    try:
+        unconstrained = dataclasses.replace(params, grammar=None)
+        chain = build_chain(unconstrained, n_vocab=n_vocab, n_ctx_seq=n_ctx_seq, default_seed=default_seed,
+                            banned_tokens=banned_tokens, vocab=vocab, history=history)
+    except BaseException:
+        llama_cpp.llama_sampler_free(grammar)
+        raise
+    return GrammarSampler(grammar, chain, n_vocab)
 
 
 def grammar_sampler(vocab, grammar: str):
