@@ -134,10 +134,9 @@ class Engine:
             ready.set_exception(exc)
             return
         ready.set_result((model, tokenizer, scheduler))
-        try:
-            scheduler.run()
-        finally:
-            model.close()
+        # The model outlives a failed loop: other threads may still be tokenizing with its vocabulary,
+        # and freeing it under them would crash the process. Engine.close() frees it.
+        scheduler.run()
 
     # Identity.
     @property
@@ -270,6 +269,7 @@ class Engine:
             self._closed = True
             self.scheduler.close()
             self._thread.join()
+            self.model.close()
 
     def __enter__(self) -> Engine:
         return self

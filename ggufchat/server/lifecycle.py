@@ -134,7 +134,8 @@ class ModelHolder:
         return await asyncio.get_running_loop().run_in_executor(self._pool, fn)
 
     async def stop(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        # Wait for preparations still running: they use the model, which is freed below.
+        await asyncio.to_thread(self._pool.shutdown, wait=True, cancel_futures=True)
         for task in (self._idle_task, self._load_task):
             if task is not None:
                 task.cancel()
