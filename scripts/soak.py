@@ -457,9 +457,11 @@ def ggufchat_command() -> list[str]:
     return [found] if found else [sys.executable, "-m", "ggufchat"]
 
 
-def start_server(serve_args: list[str], log_path: Path, timeout: float) -> tuple[subprocess.Popen, str]:
+def start_server(serve_args: list[str], log_path: Path, timeout: float, *,
+                 name: str = "soak") -> tuple[subprocess.Popen, str]:
+    """A real `ggufchat serve` on a port the kernel picks; returns once /health says ok."""
     cmd = [*ggufchat_command(), "serve", "--host", "127.0.0.1", "--port", "0", *serve_args]
-    print(f"soak: starting {' '.join(cmd)} (log: {log_path})", file=sys.stderr)
+    print(f"{name}: starting {' '.join(cmd)} (log: {log_path})", file=sys.stderr)
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
                                 start_new_session=True)

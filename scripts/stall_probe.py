@@ -69,7 +69,6 @@ import contextlib
 import http.client
 import json
 import multiprocessing
-import re
 import signal
 import subprocess
 import sys
@@ -84,16 +83,16 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_server import TOPICS, percentile  # noqa: E402
 from soak import (  # noqa: E402
+    _ms,
     _sse,
     cpu_s,
     gauge,
-    ggufchat_command,
     load1,
     log_problems,
-    log_tail,
     parse_metrics,
     read_all,
     read_head,
+    start_server,
     stop_server,
 )
 
@@ -377,10 +376,6 @@ def engine_sample(target: Target) -> dict:
     return {"steps": gauge(m, "ggufchat_engine_steps"), "decode_s": gauge(m, "ggufchat_engine_decode_seconds")}
 
 
-def _ms(x: float | None) -> float | None:
-    return None if x is None else round(x * 1000.0, 1)
-
-
 async def run_phase(args, target: Target, name: str, heavy: Heavy | None, pid: int | None,
                     worker: ProcessPoolExecutor) -> dict:
     stop = asyncio.Event()
@@ -456,28 +451,6 @@ async def run_phase(args, target: Target, name: str, heavy: Heavy | None, pid: i
 
 
 # --- the server ---------------------------------------------------------------------------------------
-
-
-def start_server(serve_args: list[str], log_path: Path, timeout: float) -> tuple[subprocess.Popen, str]:
-    cmd = [*ggufchat_command(), "serve", "--host", "127.0.0.1", "--port", "0", *serve_args]
-    print(f"stall-probe: starting {' '.join(cmd)} (log: {log_path})", file=sys.stderr)
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
-                                start_new_session=True)
-    # --port 0: the kernel picks a free port (no race for one); serve prints it on its "serving" line.
-    deadline = time.monotonic() + timeout
-    url = None
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"the server exited with status {proc.returncode}:\n{log_tail(log_path)}")
-        if url is None:
-            m = re.search(r"(http://[^\s/]+:\d+)", log_path.read_text(errors="replace"))
-            url = m.group(1) if m else None
-        if url is not None and healthy(Target(url, None)):
-            return proc, url
-        time.sleep(0.25)
-    stop_server(proc)
-    raise RuntimeError(f"the server was not ready after {timeout:g} s:\n{log_tail(log_path)}")
 
 
 def healthy(target: Target, timeout: float = 5.0) -> bool:
@@ -663,7 +636,7 @@ def main(argv: list[str] | None = None) -> int:
         log_dir.mkdir(parents=True, exist_ok=True)
         log_path = log_dir / "server.log"
         try:
-            proc, url = start_server(serve_args, log_path, args.startup_timeout)
+            proc, url = start_server(serve_args, log_path, args.startup_timeout, name="stall-probe")
         except RuntimeError as e:
             print(f"stall-probe: {e}", file=sys.stderr)
             return 2
