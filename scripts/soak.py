@@ -874,12 +874,17 @@ def format_summary(s: dict) -> str:
     return "\n".join(out)
 
 
-def main(argv: list[str] | None = None) -> int:
+def split_serve_args(argv: list[str] | None) -> tuple[list[str], list[str]]:
+    """(this script's arguments, those after `--`, which go to `ggufchat serve`)."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    serve_args: list[str] = []
-    if "--" in argv:
-        at = argv.index("--")
-        argv, serve_args = argv[:at], argv[at + 1:]
+    if "--" not in argv:
+        return argv, []
+    at = argv.index("--")
+    return argv[:at], argv[at + 1:]
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv, serve_args = split_serve_args(argv)
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                  epilog="Arguments after -- go to `ggufchat serve` (e.g. -- -np 8 -c 8192).")
     ap.add_argument("--clients", type=int, default=8)

@@ -92,6 +92,7 @@ from soak import (  # noqa: E402
     parse_metrics,
     read_all,
     read_head,
+    split_serve_args,
     start_server,
     stop_server,
 )
@@ -587,11 +588,7 @@ async def phase_ok(args, target: Target, name: str, heavy: Heavy | None, proc: s
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    serve_args: list[str] = []
-    if "--" in argv:
-        at = argv.index("--")
-        argv, serve_args = argv[:at], argv[at + 1:]
+    argv, serve_args = split_serve_args(argv)
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                  epilog="Arguments after -- go to `ggufchat serve` (e.g. -- -t 1 -np 4).")
     ap.add_argument("--phase-seconds", type=float, default=5.0,
