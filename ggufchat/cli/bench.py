@@ -10,9 +10,11 @@ import typer
 from ggufchat.cli import options as o
 
 
+# run_bench sizes the context for its tests, the seed is pinned so runs compare, and no chat template is
+# ever applied: flags for those would be accepted and ignored, so bench does not offer them.
+@o.engine_options(omit=("n_ctx", "seed", "chat_template", "chat_template_file"))
 def bench(
-    model_arg: o.ModelArg = None,
-    model: o.ModelOpt = None,
+    *,  # engine_flags, filled in by engine_options, has no default
     n_prompt: Annotated[int, typer.Option("-p", "--n-prompt", help="Prompt tokens for the prefill test.")] = 512,
     n_gen: Annotated[int, typer.Option("-n", "--n-gen", help="Tokens generated per sequence.")] = 128,
     n_pp_batched: Annotated[int, typer.Option("-npp", help="Prompt tokens per sequence in the batched "
@@ -22,25 +24,13 @@ def bench(
     repetitions: Annotated[int, typer.Option("-r", "--repetitions", help="Runs per test (the best "
                                              "counts).")] = 3,
     as_json: Annotated[bool, typer.Option("--json", help="Print results as JSON lines.")] = False,
-    n_gpu_layers: o.GpuLayers = "auto",
-    flash_attn: o.FlashAttn = "auto",
-    threads: o.Threads = 0,
-    batch_size: o.BatchSize = 2048,
-    ubatch_size: o.UBatchSize = 512,
-    cache_type_k: o.CacheTypeK = "f16",
-    cache_type_v: o.CacheTypeV = "f16",
-    rpc: o.Rpc = None,
+    engine_flags: o.EngineFlags,
 ) -> None:
     """Measure prefill and decode tokens/s (1 sequence, then several in one batch)."""
     from ggufchat.bench import run_bench
 
     counts = [int(x) for x in parallel.split(",") if x.strip()]
-    load = o.load_options(
-        model=o.pick_model(model_arg, model), n_gpu_layers=n_gpu_layers, flash_attn=flash_attn,
-        ctx_size=0, threads=threads, batch_size=batch_size, ubatch_size=ubatch_size,
-        cache_type_k=cache_type_k, cache_type_v=cache_type_v, split_mode="layer", tensor_split=None,
-        main_gpu=0, seed=0, n_seq_max=max(counts), rpc=rpc,
-    )
+    load = engine_flags.load_options(seed=0, n_seq_max=max(counts))
     results = run_bench(load, n_prompt=n_prompt, n_gen=n_gen, n_pp_batched=n_pp_batched, counts=counts,
                         repetitions=repetitions)
     if as_json:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -14,6 +13,7 @@ from ggufchat.chat.repl import ChatConfig, one_shot, run_repl
 from ggufchat.cli import options as o
 from ggufchat.engine import Engine
 from ggufchat.errors import InvalidParameter
+from ggufchat.settings import Settings, load_settings
 
 _CHAT = "Chat"
 _RAW = "Raw mode (llama-cli compatible)"
@@ -25,16 +25,15 @@ def _announce(engine: Engine) -> None:
           f"context {engine.n_ctx_seq} tokens, {m.offload_summary()})", file=sys.stderr)
 
 
-def _use_color(flag: bool | None) -> bool:
-    if os.environ.get("NO_COLOR"):
+def _use_color(flag: bool | None, settings: Settings) -> bool:
+    if settings.no_color:  # no-color.org: it wins over --color too
         return False
     return sys.stdout.isatty() if flag is None else flag
 
 
+@o.engine_options()
 def chat(
-    model_arg: o.ModelArg = None,
-    model: o.ModelOpt = None,
-    pull: o.Pull = False,
+    *,  # engine_flags, filled in by engine_options, has no default
     prompt: Annotated[str | None, typer.Option("-p", "--prompt", help="Answer this prompt, print only the "
                                                   "reply on stdout, and exit.", rich_help_panel=_CHAT)] = None,
     interactive: Annotated[bool, typer.Option("-i", "--interactive", help="Chat interactively even when "
@@ -70,21 +69,7 @@ def chat(
                                         "(stderr).", rich_help_panel=_CHAT)] = False,
     verbose: Annotated[bool, typer.Option("-v", "--verbose", help="Show llama.cpp's log.",
                                           rich_help_panel=_CHAT)] = False,
-    n_gpu_layers: o.GpuLayers = "auto",
-    flash_attn: o.FlashAttn = "auto",
-    ctx_size: o.CtxSize = 0,
-    threads: o.Threads = 0,
-    batch_size: o.BatchSize = 2048,
-    ubatch_size: o.UBatchSize = 512,
-    cache_type_k: o.CacheTypeK = "f16",
-    cache_type_v: o.CacheTypeV = "f16",
-    split_mode: o.SplitMode = "layer",
-    tensor_split: o.TensorSplit = None,
-    main_gpu: o.MainGpu = 0,
-    rpc: o.Rpc = None,
-    chat_template: o.ChatTemplateName = None,
-    chat_template_file: o.ChatTemplateFile = None,
-    seed: o.Seed = None,
+    engine_flags: o.EngineFlags,
     temp: o.Temp = 0.8,
     top_k: o.TopK = 40,
     top_p: o.TopP = 0.95,
@@ -118,21 +103,16 @@ def chat(
         sampling=o.sampling_params(temp=temp, top_k=top_k, top_p=top_p, min_p=min_p,
                                    repeat_penalty=repeat_penalty, repeat_last_n=repeat_last_n,
                                    presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
-                                   seed=seed),
+                                   seed=engine_flags.seed),
         max_tokens=None if n_predict == -1 else n_predict,
         stop=[process_escapes(r) for r in reverse_prompt or []],
         stats=stats,
-        color=_use_color(color),
+        color=_use_color(color, load_settings()),
         context_shift=context_shift,
         ignore_eos=ignore_eos,
     )
-    load = o.load_options(
-        model=o.pick_model(model_arg, model), n_gpu_layers=n_gpu_layers, flash_attn=flash_attn,
-        ctx_size=ctx_size, threads=threads, batch_size=batch_size, ubatch_size=ubatch_size,
-        cache_type_k=cache_type_k, cache_type_v=cache_type_v, split_mode=split_mode,
-        tensor_split=tensor_split, main_gpu=main_gpu, seed=seed, pull=pull, rpc=rpc,
-    )
-    with Engine(load, chat_template=chat_template, chat_template_file=chat_template_file) as engine:
+    load = engine_flags.load_options()
+    with Engine(load, **engine_flags.engine_kwargs()) as engine:
         _announce(engine)
         convo = (RawConversation(engine, system or "", process_escapes(in_prefix or ""),
                                  process_escapes(in_suffix or "")) if raw else TemplateConversation(engine, system))

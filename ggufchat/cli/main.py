@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 import sys
 
 import typer
@@ -15,6 +14,7 @@ except ImportError:  # pragma: no cover - older typer on real click
 
 from ggufchat import __version__
 from ggufchat.errors import GgufchatError
+from ggufchat.settings import load_settings
 
 app = typer.Typer(
     name="ggufchat",
@@ -49,7 +49,11 @@ def _register() -> None:
 
 
 def _debug() -> bool:
-    return os.environ.get("GGUFCHAT_DEBUG", "").lower() in ("1", "true", "yes")
+    try:
+        return load_settings().debug
+    except GgufchatError:
+        # Another variable is unreadable: the command that needs it reports it; `--help` still works.
+        return False
 
 
 def setup_logging(verbose: bool = False) -> None:

@@ -14,6 +14,7 @@ import typer
 from ggufchat.engine import rpc
 from ggufchat.engine.loader import default_threads
 from ggufchat.errors import GgufchatError
+from ggufchat.settings import load_settings
 
 WARNING = ("WARNING: llama.cpp's RPC protocol has no authentication and no encryption: anyone who can "
            "reach {endpoint} can run computations on this machine and read what it holds. Use it on a "
@@ -42,9 +43,7 @@ def rpc_worker(
     devices = rpc.pick_devices(names)  # validates names before anything listens
     cache_dir = None
     if cache:
-        base = Path(os.environ.get("LLAMA_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or
-                                                            Path.home() / ".cache") / "llama.cpp")
-        cache_dir = str(base / "rpc")
+        cache_dir = str(load_settings().llama_cache_dir / "rpc")
         Path(cache_dir).mkdir(parents=True, exist_ok=True)
     if not rpc.is_loopback(host):
         print(WARNING.format(endpoint=endpoint), file=sys.stderr)

@@ -21,10 +21,9 @@ def _env(name: str) -> dict:
     return {"envvar": f"GGUFCHAT_{name}", "show_envvar": True, "rich_help_panel": _SERVER}
 
 
+@o.engine_options()
 def serve(
-    model_arg: o.ModelArg = None,
-    model: o.ModelOpt = None,
-    pull: o.Pull = False,
+    *,  # engine_flags, filled in by engine_options, has no default
     host: Annotated[str, typer.Option("--host", help="Address to listen on (0.0.0.0 exposes the server to "
                                       "your network: set an API key).", **_env("HOST"))] = "127.0.0.1",
     port: Annotated[int, typer.Option("--port", help="Port (0 = any free port).", **_env("PORT"))] = 6006,
@@ -78,21 +77,7 @@ def serve(
                                                  **_env("ALIAS"))] = None,
     verbose: Annotated[bool, typer.Option("-v", "--verbose", help="Show llama.cpp's log.",
                                           rich_help_panel=_SERVER)] = False,
-    n_gpu_layers: o.GpuLayers = "auto",
-    flash_attn: o.FlashAttn = "auto",
-    ctx_size: o.CtxSize = 0,
-    threads: o.Threads = 0,
-    batch_size: o.BatchSize = 2048,
-    ubatch_size: o.UBatchSize = 512,
-    cache_type_k: o.CacheTypeK = "f16",
-    cache_type_v: o.CacheTypeV = "f16",
-    split_mode: o.SplitMode = "layer",
-    tensor_split: o.TensorSplit = None,
-    main_gpu: o.MainGpu = 0,
-    rpc: o.Rpc = None,
-    chat_template: o.ChatTemplateName = None,
-    chat_template_file: o.ChatTemplateFile = None,
-    seed: o.Seed = None,
+    engine_flags: o.EngineFlags,
 ) -> None:
     """Serve a model over HTTP: OpenAI API (/v1), POST / and /chat, /health, /metrics, /docs."""
     from ggufchat.cli.main import setup_logging
@@ -109,13 +94,8 @@ def serve(
                                "--max-schema-bytes must be at least 1")
     if min(header_timeout, body_timeout, keep_alive, max_connections) < 0:
         raise InvalidParameter("--header-timeout, --body-timeout, --keep-alive and --max-connections must be >= 0")
-    spec = o.pick_model(model_arg, model)
-    load = o.load_options(
-        model=spec, n_gpu_layers=n_gpu_layers, flash_attn=flash_attn, ctx_size=ctx_size, threads=threads,
-        batch_size=batch_size, ubatch_size=ubatch_size, cache_type_k=cache_type_k, cache_type_v=cache_type_v,
-        split_mode=split_mode, tensor_split=tensor_split, main_gpu=main_gpu, seed=seed, n_seq_max=parallel,
-        pull=pull, rpc=rpc,
-    )
+    spec = engine_flags.model
+    load = engine_flags.load_options(n_seq_max=parallel)
     # A file that is not a GGUF fails here, before the port is taken.
     from ggufchat.models.gguf import read_gguf
 
@@ -143,7 +123,7 @@ def serve(
                         keep_alive=keep_alive, max_connections=max_connections or None)
     grammar = GrammarLimits(max_bytes=max_grammar_bytes, max_alternatives=max_grammar_alternatives,
                             max_schema_bytes=max_schema_bytes)
-    _run(config, load, limits, grammar, host, port, chat_template, chat_template_file)
+    _run(config, load, limits, grammar, host, port, engine_flags.engine_kwargs())
 
 
 def _model_id(spec: str | None, path: Path) -> str:
@@ -177,7 +157,7 @@ def _bind(host: str, port: int) -> socket.socket:
                                hint="Pick another --port, or stop what is using this one.") from exc
 
 
-def _run(config, load, limits, grammar, host: str, port: int, chat_template, chat_template_file) -> None:
+def _run(config, load, limits, grammar, host: str, port: int, engine_kwargs: dict) -> None:
     import uvicorn
 
     from ggufchat.engine import Engine
@@ -195,8 +175,7 @@ def _run(config, load, limits, grammar, host: str, port: int, chat_template, cha
             server.should_exit = True
 
     def factory() -> Engine:
-        return Engine(load, chat_template=chat_template, chat_template_file=chat_template_file,
-                      grammar_limits=grammar)
+        return Engine(load, grammar_limits=grammar, **engine_kwargs)
 
     app = create_app(config, factory=factory, on_fatal=on_fatal)
     url_host = f"[{host}]" if ":" in host else host

@@ -287,7 +287,7 @@ def _download_from(hub: str, repo: str, ref: ModelRef, name: str, settings: Sett
     else:
         _ms_prepare(settings)
         rev = revision or "master"
-        endpoint = settings.ms_endpoint or os.environ.get("MODELSCOPE_ENDPOINT") or DEFAULT_MS_ENDPOINT
+        endpoint = settings.ms_endpoint or DEFAULT_MS_ENDPOINT  # ms_endpoint also reads MODELSCOPE_ENDPOINT
         listing = _ms_list(repo, rev, token, endpoint)
     by_name = {f.name: f for f in listing}
     where = f"{hub}://{repo}"
