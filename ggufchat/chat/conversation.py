@@ -100,11 +100,13 @@ class RawConversation:
         self.messages: list[dict] = []
 
     def _initial_tokens(self) -> list[int]:
-        tok = self.engine.tokenizer
-        return ([tok.bos] if tok.add_bos else []) + tok.tokenize(self.initial, parse_special=True)
+        return self.engine.vocabulary.prompt_start + self._special(self.initial)
 
     def _special(self, text: str) -> list[int]:
-        return self.engine.tokenizer.tokenize(text, parse_special=True) if text else []
+        return self.engine.tokenize(text, add_special=False, parse_special=True) if text else []
+
+    def _plain(self, text: str) -> list[int]:
+        return self.engine.tokenize(text, add_special=False, parse_special=False)
 
     @property
     def system(self) -> str | None:
@@ -113,7 +115,7 @@ class RawConversation:
     def add_user(self, text: str) -> None:
         self._turns.append(len(self.tokens))
         self.tokens += self._special(self.in_prefix)
-        self.tokens += self.engine.tokenizer.tokenize(text, parse_special=False)
+        self.tokens += self._plain(text)
         self.tokens += self._special(self.in_suffix)
         self._reply_start = len(self.tokens)
         self.messages.append({"role": "user", "content": text})
@@ -176,5 +178,5 @@ class RawConversation:
             if m["role"] == "user":
                 self.add_user(m["content"])
             else:
-                self.tokens += self.engine.tokenizer.tokenize(m["content"], parse_special=False)
+                self.tokens += self._plain(m["content"])
                 self.messages.append({"role": "assistant", "content": m["content"]})

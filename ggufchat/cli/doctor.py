@@ -21,8 +21,8 @@ def _pkg(name: str) -> str:
 
 
 def collect(rpc_servers: list[str] | None = None) -> dict:
-    from ggufchat.engine import rpc
-    from ggufchat.engine.devices import list_devices, system_info
+    from ggufchat.engine.devices import system_info
+    from ggufchat.engine.rpc import visible_devices
     from ggufchat.models.embedded import embedded_model_path
     from ggufchat.settings import load_settings
 
@@ -33,7 +33,7 @@ def collect(rpc_servers: list[str] | None = None) -> dict:
     except GgufchatError as exc:
         default_model = {"error": str(exc)}
     settings = load_settings()
-    devices = list_devices(remote=rpc.connect(rpc_servers or []))
+    devices = visible_devices(rpc_servers or [])
     return {
         "versions": {
             "ggufchat": __version__,
@@ -44,7 +44,7 @@ def collect(rpc_servers: list[str] | None = None) -> dict:
         },
         "platform": platform.platform(),
         "llama_cpp": info,
-        "devices": [{k: v for k, v in d.__dict__.items() if k != "handle"} for d in devices],
+        "devices": [d.report() for d in devices],
         "cuda_devices": [d.description for d in devices if d.kind == "gpu" and "CUDA" in d.name],
         "default_model": default_model,
         "home": str(settings.home),

@@ -3,6 +3,7 @@
 from ggufchat.engine.engine import Engine
 from ggufchat.engine.loader import LoadOptions
 from ggufchat.engine.sampling import SamplingParams
-from ggufchat.engine.types import Delta, Finish, GenerationRequest, Usage
+from ggufchat.engine.types import Delta, EngineStats, Finish, GenerationRequest, Usage, Vocabulary
 
-__all__ = ["Engine", "LoadOptions", "SamplingParams", "GenerationRequest", "Delta", "Finish", "Usage"]
+__all__ = ["Engine", "LoadOptions", "SamplingParams", "GenerationRequest", "Delta", "Finish", "Usage",
+           "EngineStats", "Vocabulary"]

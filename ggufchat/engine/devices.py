@@ -1,20 +1,17 @@
-"""The compute devices ggml sees (CPU, CUDA GPUs, RPC servers), with their memory.
-
-The llama-cpp-python bindings do not wrap ggml's device registry, so this reads it from the same
-shared libraries llama_cpp loaded.
-"""
+"""The compute devices ggml sees (CPU, CUDA GPUs, RPC servers), with their memory, and what this build
+of llama.cpp supports. Read from ggml's device registry through engine/backend.py."""
 
 from __future__ import annotations
 
 import ctypes
-import functools
 from collections.abc import Iterable
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import asdict, dataclass, field
 
 import llama_cpp
 
-from ggufchat.engine.loader import init_backend
+from ggufchat.engine.backend import BACKEND, library_folder
+
+__all__ = ["Device", "gpu_backends", "library_folder", "list_backends", "list_devices", "system_info"]
 
 _TYPES = {0: "cpu", 1: "gpu", 2: "igpu", 3: "accel"}
 
@@ -33,44 +30,9 @@ class Device:
     def remote(self) -> bool:
         return self.backend == "RPC"
 
-
-def library_folder() -> Path:
-    return Path(llama_cpp.__file__).parent / "lib"
-
-
-@functools.cache
-def _libs() -> tuple[ctypes.CDLL, ctypes.CDLL]:
-    """(libggml-base, libggml) with the signatures used here: the registry, devices, backends."""
-    folder = library_folder()
-    base = ctypes.CDLL(str(folder / "libggml-base.so"))
-    reg = ctypes.CDLL(str(folder / "libggml.so"))
-    reg.ggml_backend_dev_count.restype = ctypes.c_size_t
-    reg.ggml_backend_dev_get.restype = ctypes.c_void_p
-    reg.ggml_backend_dev_get.argtypes = [ctypes.c_size_t]
-    reg.ggml_backend_reg_count.restype = ctypes.c_size_t
-    reg.ggml_backend_reg_get.restype = ctypes.c_void_p
-    reg.ggml_backend_reg_get.argtypes = [ctypes.c_size_t]
-    for fn in ("ggml_backend_dev_name", "ggml_backend_dev_description", "ggml_backend_reg_name"):
-        getattr(base, fn).restype = ctypes.c_char_p
-        getattr(base, fn).argtypes = [ctypes.c_void_p]
-    reg.ggml_backend_reg_by_name.restype = ctypes.c_void_p
-    reg.ggml_backend_reg_by_name.argtypes = [ctypes.c_char_p]
-    reg.ggml_backend_register.restype = None
-    reg.ggml_backend_register.argtypes = [ctypes.c_void_p]
-    base.ggml_backend_reg_get_proc_address.restype = ctypes.c_void_p
-    base.ggml_backend_reg_get_proc_address.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
-    base.ggml_backend_reg_dev_count.restype = ctypes.c_size_t
-    base.ggml_backend_reg_dev_count.argtypes = [ctypes.c_void_p]
-    base.ggml_backend_reg_dev_get.restype = ctypes.c_void_p
-    base.ggml_backend_reg_dev_get.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
-    base.ggml_backend_dev_backend_reg.restype = ctypes.c_void_p
-    base.ggml_backend_dev_backend_reg.argtypes = [ctypes.c_void_p]
-    base.ggml_backend_dev_type.restype = ctypes.c_int
-    base.ggml_backend_dev_type.argtypes = [ctypes.c_void_p]
-    base.ggml_backend_dev_memory.restype = None
-    base.ggml_backend_dev_memory.argtypes = [
-        ctypes.c_void_p, ctypes.POINTER(ctypes.c_size_t), ctypes.POINTER(ctypes.c_size_t)]
-    return base, reg
+    def report(self) -> dict[str, object]:
+        """Its fields for people and JSON, without the ggml handle (meaningless outside this process)."""
+        return {k: v for k, v in asdict(self).items() if k != "handle"}
 
 
 def list_devices(remote: Iterable[int] = ()) -> list[Device]:
@@ -79,8 +41,8 @@ def list_devices(remote: Iterable[int] = ()) -> list[Device]:
     Other RPC devices registered in this process are left out and not queried: asking a worker
     that has gone away for its memory aborts the process inside ggml.
     """
-    init_backend()
-    base, reg = _libs()
+    BACKEND.ensure_ready()
+    base, reg = BACKEND.libs
     wanted = set(remote)
     out = []
     for i in range(reg.ggml_backend_dev_count()):
@@ -104,8 +66,8 @@ def list_devices(remote: Iterable[int] = ()) -> list[Device]:
 
 def list_backends() -> list[str]:
     """The ggml backends this build registered (CPU, CUDA, RPC, ...)."""
-    init_backend()
-    base, reg = _libs()
+    BACKEND.ensure_ready()
+    base, reg = BACKEND.libs
     return [(base.ggml_backend_reg_name(reg.ggml_backend_reg_get(i)) or b"").decode()
             for i in range(reg.ggml_backend_reg_count())]
 
@@ -120,7 +82,7 @@ def gpu_backends() -> list[str]:
 
 
 def system_info() -> dict[str, object]:
-    init_backend()
+    BACKEND.ensure_ready()
     gpus = gpu_backends()
     return {
         "system_info": llama_cpp.llama_print_system_info().decode().strip(" |"),

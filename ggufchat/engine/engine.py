@@ -18,7 +18,7 @@ from ggufchat.engine.sampling import Sampler, make_sampler
 from ggufchat.engine.scheduler import LoopEmitter, Scheduler, Sequence
 from ggufchat.engine.templates import ChatTemplate, Segment
 from ggufchat.engine.tokens import Tokenizer
-from ggufchat.engine.types import Delta, Event, Finish, GenerationRequest, Usage
+from ggufchat.engine.types import Delta, EngineStats, Event, Finish, GenerationRequest, Usage, Vocabulary
 from ggufchat.errors import ContextOverflow, InvalidParameter, TemplateError
 
 log = logging.getLogger(__name__)
@@ -97,7 +97,10 @@ class Prepared:
 
 
 class Engine:
-    """One loaded model serving up to `n_seq_max` sequences at once."""
+    """One loaded model serving up to `n_seq_max` sequences at once.
+
+    Its parts (`model`, `tokenizer`, `scheduler`) belong to the engine package: code above it uses the
+    members of this class, so the parts can change without their callers changing."""
 
     def __init__(self, options: LoadOptions, *, chat_template: str | None = None,
                  chat_template_file: str | Path | None = None,
@@ -113,7 +116,13 @@ class Engine:
                                         name="ggufchat-engine", daemon=True)
         self._thread.start()
         self.model, self.tokenizer, self.scheduler = ready.result()
+        tok = self.tokenizer
+        # Fixed for the model's life, and kept here so they can still be read after close() frees it.
+        self.vocabulary = Vocabulary(n_vocab=tok.n_vocab, bos=tok.bos if tok.bos >= 0 else None,
+                                     eos=tok.eos if tok.eos >= 0 else None, add_bos=tok.add_bos)
         try:
+            self._description = self.model.description()
+            self._offload_summary = self.model.offload_summary()
             self.template = self._pick_template(chat_template, chat_template_file)
         except BaseException:
             self.close()
@@ -154,6 +163,26 @@ class Engine:
     @property
     def n_seq_max(self) -> int:
         return self.model.n_seq_max
+
+    @property
+    def n_vocab(self) -> int:
+        return self.vocabulary.n_vocab
+
+    @property
+    def model_description(self) -> str:
+        """llama.cpp's one-line description of the model, e.g. 'llama ?B Q4_1'."""
+        return self._description
+
+    def offload_summary(self) -> str:
+        """Where the layers went, e.g. '31/31 layers on CUDA0' or 'CPU only'."""
+        return self._offload_summary
+
+    def stats(self) -> EngineStats:
+        """The engine's load and counters now. Cheap (no call into the engine thread): /health and the
+        metrics gauges read it on every request and scrape."""
+        s = self.scheduler
+        return EngineStats(active_sequences=s.active_count, queue_depth=s.queue_depth, steps=s.steps,
+                           decode_seconds=s.decode_seconds)
 
     @property
     def failure(self) -> BaseException | None:

@@ -79,8 +79,8 @@ def check(grammar: str, limits: GrammarLimits) -> None:
     size = len(grammar.encode("utf-8", "surrogatepass"))
     if size > limits.max_bytes:
         raise InvalidParameter(f"the grammar for this response_format is {size} bytes; this server allows "
-                               f"{limits.max_bytes}. Lower maxLength / maxItems, or use fewer enum values or properties.",
-                               param=PARAM)
+                               f"{limits.max_bytes}. Lower maxLength / maxItems, or use fewer enum values or "
+                               "properties.", param=PARAM)
     depth, repeat, alternatives = scan(grammar)
     if depth > limits.max_depth:
         raise InvalidParameter(f"the grammar for this response_format nests {depth} levels deep; this server "

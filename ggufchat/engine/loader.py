@@ -10,7 +10,9 @@ from pathlib import Path
 
 import llama_cpp
 
-from ggufchat.engine import llama_log
+from ggufchat.engine.backend import BACKEND
+from ggufchat.engine.devices import Device, list_devices
+from ggufchat.engine.fit import Fit, fit_layers, model_sizes
 from ggufchat.errors import InvalidModelFile, InvalidParameter, ModelLoadError, ModelNotFound
 from ggufchat.models.gguf import GGUFInfo, read_gguf
 
@@ -142,18 +144,6 @@ def parse_tensor_split(text: str | None) -> list[float]:
     return parts
 
 
-_backend_ready = False
-
-
-def init_backend() -> None:
-    """Once per process: route llama.cpp's log to Python logging, then initialise its backends."""
-    global _backend_ready
-    if not _backend_ready:
-        llama_log.install()
-        llama_cpp.llama_backend_init()
-        _backend_ready = True
-
-
 class LoadedModel:
     """A llama.cpp model and one context over it. Owned by one engine thread once handed over."""
 
@@ -165,8 +155,8 @@ class LoadedModel:
             raise ModelNotFound(f"no model file at {self.path}")
         # Parse the header ourselves first: llama.cpp aborts the process on some malformed files.
         self.info: GGUFInfo = read_gguf(self.path)
-        init_backend()
-        llama_log.take_recent()
+        BACKEND.ensure_ready()
+        BACKEND.log.take_recent()  # warnings of earlier loads are not this one's
         self._tensor_split = None
         self.model = self._load_model()
         try:
@@ -184,15 +174,13 @@ class LoadedModel:
         self.n_vocab = llama_cpp.llama_vocab_n_tokens(self.vocab)
 
     def _load_model(self):
-        from ggufchat.engine import rpc  # imports this module
-
         o = self.options
         params = llama_cpp.llama_model_default_params()
         offload = self._offload_devices()
         self.offload_devices = [f"{d.name} {d.description}" if d.remote else d.name for d in offload]
         self.fit = self._fit(offload) if parse_gpu_layers(o.n_gpu_layers) == "auto" and offload else None
         params.n_gpu_layers = self.n_gpu_layers = resolve_gpu_layers(o.n_gpu_layers, len(offload), self.fit)
-        if rpc.any_registered():
+        if BACKEND.has_rpc_devices:
             # RPC devices stay in ggml's registry for the process's life: name this load's devices so a
             # later load without --rpc (or with other workers) does not pick them up.
             arr = (ctypes.c_void_p * (len(offload) + 1))(*[d.handle for d in offload], None)
@@ -213,13 +201,10 @@ class LoadedModel:
             raise _load_failure(f"llama.cpp could not load {self.path}", InvalidModelFile)
         return model
 
-    def _offload_devices(self) -> list:
+    def _offload_devices(self) -> list[Device]:
         """Where layers can go, in llama.cpp's default order: RPC workers first, then this machine's
         GPUs (integrated ones only when there is no discrete one)."""
-        from ggufchat.engine import rpc
-        from ggufchat.engine.devices import list_devices
-
-        wanted = rpc.connect(self.options.rpc_servers)
+        wanted = BACKEND.connect_rpc(self.options.rpc_servers)
         devices = list_devices(remote=wanted)
         by_handle = {d.handle: d for d in devices}
         workers = [by_handle[h] for h in wanted]
@@ -227,9 +212,7 @@ class LoadedModel:
         gpus = [d for d in local if d.kind == "gpu"] or [d for d in local if d.kind == "igpu"]
         return workers + gpus
 
-    def _fit(self, offload: list):
-        from ggufchat.engine.fit import fit_layers, model_sizes
-
+    def _fit(self, offload: list[Device]) -> Fit:
         o = self.options
         per_seq = min(self.info.context_length or DEFAULT_CTX_PER_SEQ, DEFAULT_CTX_PER_SEQ)
         fit = fit_layers(model_sizes(self.info), [d.free_bytes for d in offload],
@@ -270,17 +253,6 @@ class LoadedModel:
             return "CPU only"
         return f"{on}/{total} layers on {', '.join(self.offload_devices)}"
 
-    # Metadata the rest of the engine needs.
-    def meta(self, key: str) -> str | None:
-        buf = ctypes.create_string_buffer(1 << 16)
-        n = llama_cpp.llama_model_meta_val_str(self.model, key.encode(), buf, len(buf))
-        if n < 0:
-            return None
-        if n >= len(buf):
-            buf = ctypes.create_string_buffer(n + 1)
-            llama_cpp.llama_model_meta_val_str(self.model, key.encode(), buf, len(buf))
-        return buf.value.decode("utf-8", errors="replace")
-
     def description(self) -> str:
         buf = ctypes.create_string_buffer(256)
         llama_cpp.llama_model_desc(self.model, buf, len(buf))
@@ -296,7 +268,7 @@ class LoadedModel:
 
 
 def _load_failure(message: str, kind: type, hint: str | None = None):
-    detail = [line for line in llama_log.take_recent() if line]
+    detail = [line for line in BACKEND.log.take_recent() if line]
     if detail:
         message += ": " + "; ".join(detail[-3:])
     return kind(message, hint=hint) if hint else kind(message)

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import llama_cpp
 
-from ggufchat.engine import llama_log
-from ggufchat.engine.loader import default_threads, init_backend
+from ggufchat.engine.backend import BACKEND
+from ggufchat.engine.loader import default_threads
 from ggufchat.errors import InvalidParameter, ModelLoadError
 from ggufchat.models.gguf import read_gguf
 
@@ -47,16 +47,13 @@ def quantize(src: Path, dst: Path, qtype: str, *, threads: int = 0,
         if m and progress is not None:
             progress(int(m.group(1)), int(m.group(2)))
 
-    init_backend()
-    llama_log.take_recent()
-    llama_log.add_listener(on_line)
-    try:
+    BACKEND.ensure_ready()
+    BACKEND.log.take_recent()
+    with BACKEND.log.listening(on_line):
         status = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), params)
-    finally:
-        llama_log.remove_listener(on_line)
     if status != 0:
         tmp.unlink(missing_ok=True)
-        detail = "; ".join(llama_log.take_recent()[-3:])
+        detail = "; ".join(BACKEND.log.take_recent()[-3:])
         raise ModelLoadError(f"llama.cpp could not quantize {src} to {key}" + (f": {detail}" if detail else ""))
     os.replace(tmp, dst)
     return dst

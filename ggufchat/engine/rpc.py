@@ -10,37 +10,20 @@ from __future__ import annotations
 
 import ctypes
 import ipaddress
-import socket
 
-import llama_cpp
+from ggufchat.engine.backend import BACKEND, RpcError
+from ggufchat.engine.devices import Device, list_devices
+from ggufchat.errors import InvalidParameter
 
-from ggufchat.engine.devices import _libs
-from ggufchat.engine.loader import init_backend
-from ggufchat.errors import GgufchatError, InvalidParameter
+__all__ = ["DEFAULT_PORT", "RpcError", "connect", "is_loopback", "parse_endpoints", "pick_devices",
+           "require_support", "serve", "visible_devices"]
 
 DEFAULT_PORT = 50052
 
-# Endpoint -> its ggml devices. ggml's RPC registry keeps one entry per endpoint for the process's
-# life; registering the same one twice would list its devices twice.
-_registered: dict[str, list[int]] = {}
-
-
-class RpcError(GgufchatError):
-    """RPC is unavailable in this build, or a worker cannot be reached."""
-
-
-def _rpc_reg() -> int:
-    """ggml's registry entry for the RPC backend; one clear error when this build has none."""
-    init_backend()
-    reg = _libs()[1].ggml_backend_reg_by_name(b"RPC") if llama_cpp.llama_supports_rpc() else None
-    if not reg:
-        raise RpcError("this llama-cpp-python was built without RPC support",
-                       hint="Rebuild it with `ggufchat build --cpu` (or `--cuda`); both include the RPC backend.")
-    return reg
-
 
 def require_support() -> None:
-    _rpc_reg()
+    """Raise RpcError when this build has no RPC backend."""
+    BACKEND.rpc_reg()
 
 
 def parse_endpoints(text: str | list[str] | None) -> list[str]:
@@ -79,44 +62,14 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def _check_reachable(endpoint: str, timeout: float = 5.0) -> None:
-    host, _, port = endpoint.rpartition(":")
-    try:
-        with socket.create_connection((host, int(port)), timeout=timeout):
-            pass
-    except OSError as exc:
-        raise RpcError(f"cannot reach the RPC worker at {endpoint}: {exc.strerror or exc}",
-                       hint=f"Start one there with `ggufchat rpc-worker --host {host} --port {port}`, "
-                            "and check that no firewall is in the way.") from None
-
-
 def connect(endpoints: list[str]) -> list[int]:
-    """Register each worker's devices with ggml (once per process) and return them, in order."""
-    if not endpoints:
-        return []
-    rpc = _rpc_reg()
-    base, reg = _libs()
-    add_server = ctypes.CFUNCTYPE(ctypes.c_void_p, ctypes.c_char_p)(
-        base.ggml_backend_reg_get_proc_address(rpc, b"ggml_backend_rpc_add_server"))
-    devices: list[int] = []
-    for endpoint in endpoints:
-        # Checked on every load, not just the first: ggml aborts the process on a dead worker.
-        _check_reachable(endpoint)
-        if endpoint not in _registered:
-            server = add_server(endpoint.encode())
-            if not server:
-                raise RpcError(f"the RPC worker at {endpoint} answered but offered no device",
-                               hint="It may speak another RPC protocol version: run the same ggufchat "
-                                    "(and llama-cpp-python) on both ends.")
-            reg.ggml_backend_register(server)
-            _registered[endpoint] = [base.ggml_backend_reg_dev_get(server, i)
-                                     for i in range(base.ggml_backend_reg_dev_count(server))]
-        devices.extend(_registered[endpoint])
-    return devices
+    """Register each worker's devices with ggml (once per process) and return their handles, in order."""
+    return BACKEND.connect_rpc(endpoints)
 
 
-def any_registered() -> bool:
-    return bool(_registered)
+def visible_devices(endpoints: list[str]) -> list[Device]:
+    """This machine's devices and those of the workers at `endpoints` (connecting them)."""
+    return list_devices(remote=connect(endpoints))
 
 
 def serve(host: str, port: int, *, threads: int, devices: list[int], cache_dir: str | None = None) -> None:
@@ -124,15 +77,13 @@ def serve(host: str, port: int, *, threads: int, devices: list[int], cache_dir: 
     returns."""
     start = ctypes.CFUNCTYPE(None, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_size_t, ctypes.c_size_t,
                              ctypes.POINTER(ctypes.c_void_p))(
-        _libs()[0].ggml_backend_reg_get_proc_address(_rpc_reg(), b"ggml_backend_rpc_start_server"))
+        BACKEND.rpc_proc("ggml_backend_rpc_start_server"))
     arr = (ctypes.c_void_p * len(devices))(*devices)
     start(f"{host}:{port}".encode(), cache_dir.encode() if cache_dir else None, threads, len(devices), arr)
 
 
 def pick_devices(names: list[str] | None) -> list[int]:
     """The named devices, else every GPU, else the CPU: the choice llama.cpp's rpc-server makes."""
-    from ggufchat.engine.devices import list_devices
-
     devices = list_devices()
     if names:
         by_name = {d.name.lower(): d for d in devices}

@@ -61,3 +61,29 @@ class Finish:
 
 
 Event = Delta | Finish
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    """The engine's load and work so far, read without stopping it (each field may be one step older
+    than another): what /health and the metrics gauges show."""
+
+    active_sequences: int = 0  # sequences in a slot: prefilling or generating
+    queue_depth: int = 0  # sequences waiting for a free slot
+    steps: int = 0  # batches decoded since the model was loaded
+    decode_seconds: float = 0.0  # time inside llama_decode since the model was loaded
+
+
+@dataclass(frozen=True)
+class Vocabulary:
+    """What a caller that builds prompts out of token ids needs to know of the model's vocabulary."""
+
+    n_vocab: int
+    bos: int | None  # None: the model has no beginning-of-sequence token
+    eos: int | None
+    add_bos: bool  # the model expects every prompt to start with BOS
+
+    @property
+    def prompt_start(self) -> list[int]:
+        """The ids every prompt begins with: [BOS] when the model wants it, else []."""
+        return [self.bos] if self.add_bos and self.bos is not None else []

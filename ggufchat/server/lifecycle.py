@@ -18,13 +18,14 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TypeVar
 
-from ggufchat.engine import Engine
+from ggufchat.engine import Engine, EngineStats
 from ggufchat.errors import EngineStopped, QueueFull
 from ggufchat.server.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+_NO_ENGINE = EngineStats()
 
 
 @dataclass
@@ -98,19 +99,12 @@ class ModelHolder:
         self._pool = ThreadPoolExecutor(max_workers=min(32, (os.cpu_count() or 1) + 4),
                                         thread_name_prefix="ggufchat-prepare")
         metrics.model_loaded.set(1 if engine is not None else 0)
-        metrics.watch(self._queue_depth, self._active, self._steps, self._decode_seconds)
+        metrics.watch(self.stats)
 
-    def _queue_depth(self) -> float:
-        return self.engine.scheduler.queue_depth if self.engine is not None else 0
-
-    def _steps(self) -> float:
-        return self.engine.scheduler.steps if self.engine is not None else 0
-
-    def _decode_seconds(self) -> float:
-        return self.engine.scheduler.decode_seconds if self.engine is not None else 0
-
-    def _active(self) -> float:
-        return self.engine.scheduler.active_count if self.engine is not None else 0
+    def stats(self) -> EngineStats:
+        """The engine's counters, all zero while no model is loaded."""
+        engine = self.engine  # read once: an unload may set it to None meanwhile
+        return engine.stats() if engine is not None else _NO_ENGINE
 
     # Lifespan.
     async def start(self) -> None:
@@ -206,8 +200,7 @@ class ModelHolder:
                     raise
                 self.metrics.model_loads.inc()
                 self.metrics.model_loaded.set(1)
-                log.info("model loaded in %.1f s (%s)", time.perf_counter() - t0,
-                         self.engine.model.offload_summary())
+                log.info("model loaded in %.1f s (%s)", time.perf_counter() - t0, self.engine.offload_summary())
             self.state = "ready"
             self.error = None
             return self.engine

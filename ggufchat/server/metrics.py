@@ -6,13 +6,19 @@ from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
 
+from ggufchat.engine import EngineStats
+
+# The *_created series (a timestamp per counter) only double the page; Prometheus does not need them.
+# prometheus_client has no per-registry option for this: the switch is one module-level flag, read
+# whenever any registry is collected. So it is thrown once, here, where its process-wide reach is
+# visible, rather than on every Metrics() as if it were per app.
+disable_created_metrics()
+
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1, 2.5, 5, 10, 30, 60)
 
 
 class Metrics:
     def __init__(self) -> None:
-        # The *_created series (a timestamp per counter) only double the page; Prometheus does not need them.
-        disable_created_metrics()
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.requests = Counter("ggufchat_requests", "HTTP requests by route and status.", ["route", "status"],
@@ -41,13 +47,12 @@ class Metrics:
         self.itl = Histogram("ggufchat_inter_token_latency_seconds", "Time between a sequence's tokens.",
                              buckets=_LATENCY_BUCKETS, registry=r)
 
-    def watch(self, queue_depth: Callable[[], float], active: Callable[[], float],
-              steps: Callable[[], float], decode_seconds: Callable[[], float]) -> None:
+    def watch(self, stats: Callable[[], EngineStats]) -> None:
         """Read gauges from the engine at scrape time, not on every step."""
-        self.queue_depth.set_function(queue_depth)
-        self.active.set_function(active)
-        self.steps.set_function(steps)
-        self.decode_seconds.set_function(decode_seconds)
+        self.queue_depth.set_function(lambda: stats().queue_depth)
+        self.active.set_function(lambda: stats().active_sequences)
+        self.steps.set_function(lambda: stats().steps)
+        self.decode_seconds.set_function(lambda: stats().decode_seconds)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -90,9 +90,8 @@ def test_models_own_template_is_used(engine: Engine):
 
 
 def test_injected_markers_stay_plain_text(engine: Engine):
-    tok = engine.tokenizer
-    im_start = tok.tokenize("<|im_start|>", parse_special=True)
-    im_end = tok.tokenize("<|im_end|>", parse_special=True)
+    im_start = engine.tokenize("<|im_start|>", add_special=False, parse_special=True)
+    im_end = engine.tokenize("<|im_end|>", add_special=False, parse_special=True)
     assert len(im_start) == 1 and len(im_end) == 1
     honest = [{"role": "system", "content": "Be nice."}, {"role": "user", "content": "Hi"}]
     attack = [{"role": "system", "content": "Be nice."},

@@ -25,9 +25,9 @@ async def health(srv: ServerState = Depends(server_state)):
     holder = srv.holder
     holder.check_engine()
     if holder.state == "ready":
-        engine = holder.engine
-        return {"status": "ok", "model": srv.config.model_id, "slots_processing": engine.scheduler.active_count,
-                "queue_depth": engine.scheduler.queue_depth}
+        stats = holder.engine.stats()
+        return {"status": "ok", "model": srv.config.model_id, "slots_processing": stats.active_sequences,
+                "queue_depth": stats.queue_depth}
     if holder.state == "unloaded":
         return {"status": "idle", "model": srv.config.model_id}
     if holder.state == "loading":
