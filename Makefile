@@ -10,7 +10,7 @@ PYTEST_ARGS ?=
 LLAMA_CMAKE_ARGS ?= -DGGML_RPC=on
 LLAMA_WHEELS ?= $(HOME)/.cache/ggufchat/wheels/llama-cpp-python-0.3.36-rpc
 
-.PHONY: install chat test lint bench bench-engine bench-server soak stall-probe llama-tools clean
+.PHONY: install chat test test-fast lint bench bench-engine bench-server soak stall-probe llama-tools clean
 
 $(STAMP): pyproject.toml scripts/llama_wheel.sh
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -32,6 +32,10 @@ chat: install
 
 test: install
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# The edit-test loop: everything but the tests marked slow (tests/conftest.py), under a minute.
+test-fast: install
+	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
 
 lint: install
 	$(BIN)/ruff check ggufchat tests scripts

@@ -13,6 +13,26 @@ from ggufchat.engine import Engine, LoadOptions
 from ggufchat.models.embedded import embedded_model_path
 
 N_SEQ = 8
+ROOT = Path(__file__).resolve().parent.parent
+
+# `make test-fast` (the edit-test loop, under a minute) runs everything but these: each drives many
+# generations, real subprocesses, a browser or a hub download. `make test`, which CI runs, runs them all.
+SLOW_FILES = {
+    "tests/cli/test_chat_cli.py", "tests/cli/test_chat_modes.py", "tests/cli/test_rpc.py",
+    "tests/engine/test_batching.py", "tests/engine/test_grammar.py",
+    "tests/models/test_concurrent_download.py", "tests/models/test_download.py", "tests/models/test_quantize.py",
+    "tests/models/test_download_url.py", "tests/models/test_resume.py",
+    "tests/server/test_bench_scripts.py", "tests/server/test_concurrency.py", "tests/server/test_connections.py",
+    "tests/server/test_fuzz.py", "tests/server/test_hostile.py", "tests/server/test_openai_client.py",
+    "tests/server/test_seed_snippets.py", "tests/server/test_soak_script.py",
+    "tests/server/test_stall_probe_script.py", "tests/web/test_chat.py",
+}
+
+
+def pytest_collection_modifyitems(items) -> None:
+    for item in items:
+        if item.path.relative_to(ROOT).as_posix() in SLOW_FILES:
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(scope="session")
