@@ -52,7 +52,7 @@ def run_bench(options: LoadOptions, *, n_prompt: int = 512, n_gen: int = 128, n_
     rng = random.Random(1234)
     rows: list[dict] = []
     with Engine(options) as engine:
-        n_vocab = engine.tokenizer.n_vocab
+        n_vocab = engine.n_vocab
         _run_batch(engine, [_prompt(rng, n_vocab, 32)], 16)  # warm-up, as llama-bench does
 
         def median(fn) -> float:

@@ -20,9 +20,8 @@ _RAW = "Raw mode (llama-cli compatible)"
 
 
 def _announce(engine: Engine) -> None:
-    m = engine.model
-    print(f"ggufchat: model {m.path} ({m.description()}, template {engine.template.name}, "
-          f"context {engine.n_ctx_seq} tokens, {m.offload_summary()})", file=sys.stderr)
+    print(f"ggufchat: model {engine.model_path} ({engine.model_description}, template {engine.template.name}, "
+          f"context {engine.n_ctx_seq} tokens, {engine.offload_summary()})", file=sys.stderr)
 
 
 def _use_color(flag: bool | None, settings: Settings) -> bool:
