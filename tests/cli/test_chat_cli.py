@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import llama_cpp
+
 from ggufchat.engine import Engine, GenerationRequest, SamplingParams
 from tests.conftest import chat, run_cli
 
@@ -85,7 +87,12 @@ def test_doctor_reports_build_and_default_model(model_path):
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     assert "AVX" in report["llama_cpp"]["system_info"] or "NEON" in report["llama_cpp"]["system_info"]
-    assert report["llama_cpp"]["gpu_offload"] in (True, False)
+    # Offload means a GPU backend was built in (CUDA, Metal, ...), whatever the build: RPC and BLAS run
+    # on the host, and llama_supports_gpu_offload() says yes for RPC alone.
+    ll = report["llama_cpp"]
+    assert ll["gpu_offload"] is bool(ll["gpu_backends"])
+    assert not set(ll["gpu_backends"]) & {"CPU", "RPC", "BLAS"}
+    assert ll["rpc"] is bool(llama_cpp.llama_supports_rpc())
     assert report["default_model"]["path"] == str(model_path)
     assert report["versions"]["llama-cpp-python"] == "0.3.36"
     assert any(d["kind"] == "cpu" for d in report["devices"])
