@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 
 from ggufchat.cli import options as o
-from ggufchat.models.catalog import quant_of, split_info
+from ggufchat.models.catalog import quant_of, split_names
 from ggufchat.models.embedded import NAME as EMBEDDED_NAME
 from ggufchat.models.embedded import embedded_model_path
 from ggufchat.models.gguf import read_gguf
@@ -31,13 +31,10 @@ def describe(path: Path, name: str) -> dict:
     info = read_gguf(path)
     params = info.parameter_count
     size = path.stat().st_size
-    split = split_info(path.name)
-    if split:
-        prefix, _, count = split
-        for i in range(2, count + 1):
-            part = path.with_name(f"{prefix}-{i:05d}-of-{count:05d}.gguf")
-            params += read_gguf(part).parameter_count
-            size += part.stat().st_size
+    for name_of_part in split_names(path.name)[1:]:
+        part = path.with_name(name_of_part)
+        params += read_gguf(part).parameter_count
+        size += part.stat().st_size
     return {
         "name": name,
         "quant": quant_of(path.name) or str(info.get("general.file_type", "")),

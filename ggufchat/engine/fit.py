@@ -14,7 +14,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from ggufchat.models.catalog import split_info
+from ggufchat.models.catalog import split_info, split_names
 from ggufchat.models.gguf import GGUFInfo, TensorInfo, read_gguf
 
 MARGIN_BYTES = 1 << 30
@@ -56,11 +56,9 @@ def _tensors(info: GGUFInfo) -> list[TensorInfo]:
     split = split_info(Path(info.path).name)
     if not split or split[1] != 1:
         return list(info.tensors)
-    prefix, _, count = split
     tensors = list(info.tensors)
-    for i in range(2, count + 1):
-        part = Path(info.path).with_name(f"{prefix}-{i:05d}-of-{count:05d}.gguf")
-        tensors.extend(read_gguf(part, check_bounds=False).tensors)
+    for name in split_names(Path(info.path).name)[1:]:
+        tensors.extend(read_gguf(Path(info.path).with_name(name), check_bounds=False).tensors)
     return tensors
 
 

@@ -151,6 +151,16 @@ def split_info(filename: str) -> tuple[str, int, int] | None:
     return filename[: m.start()], int(m.group(1)), int(m.group(2))
 
 
+def split_names(filename: str) -> list[str]:
+    """Every part's file name of the split model `filename` belongs to, in order; [filename] if it is
+    not split. llama.cpp's gguf-split naming: PREFIX-00001-of-00003.gguf."""
+    split = split_info(filename)
+    if split is None:
+        return [filename]
+    prefix, _, count = split
+    return [f"{prefix}-{i:05d}-of-{count:05d}.gguf" for i in range(1, count + 1)]
+
+
 def pick_files(listing: list[str], quant: str | None, where: str) -> list[str]:
     """The GGUF file(s) of one model in a repo listing: one file, or every part of a split model.
 

@@ -23,7 +23,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 from ggufchat import __version__
 from ggufchat.errors import DownloadError, InvalidModelFile
-from ggufchat.models.catalog import ModelRef, split_info
+from ggufchat.models.catalog import ModelRef, split_info, split_names
 from ggufchat.models.gguf import read_gguf
 from ggufchat.models.store import CachedModel, FileRecord, Manifest, Store, sha256_file, slug
 
@@ -216,8 +216,8 @@ def download_url(ref: ModelRef, store: Store, *, sha256: str | None,
     filename = ref.filename or ""
     split = split_info(filename)
     if split:
-        prefix, _, count = split
-        names = [f"{prefix}-{i:05d}-of-{count:05d}.gguf" for i in range(1, count + 1)]
+        count = split[2]
+        names = split_names(filename)
         if sha256:
             raise DownloadError(f"{name} is one part of a {count}-part model; a single sha256 cannot check them all",
                                 hint="Drop --sha256 / #sha256= for split models.")

@@ -35,7 +35,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from ggufchat.errors import DownloadError, GgufchatError
-from ggufchat.models.catalog import CATALOG, ModelRef, parse_spec, pick_files, split_info
+from ggufchat.models.catalog import CATALOG, ModelRef, parse_spec, pick_files, split_info, split_names
 from ggufchat.models.gguf import read_gguf
 from ggufchat.models.store import CachedModel, FileRecord, Manifest, Store, sha256_file, slug
 from ggufchat.settings import Settings
@@ -295,9 +295,8 @@ def _download_from(hub: str, repo: str, ref: ModelRef, name: str, settings: Sett
         if ref.filename not in by_name:
             raise _NotThere(f"{where} has no file {ref.filename}")
         names = [ref.filename]
-        if split := split_info(ref.filename):  # one part named (as in a URL): the model is all of them
-            prefix, _, count = split
-            names = [f"{prefix}-{i:05d}-of-{count:05d}.gguf" for i in range(1, count + 1)]
+        if split_info(ref.filename):  # one part named (as in a URL): the model is all of them
+            names = split_names(ref.filename)
             if missing := [n for n in names if n not in by_name]:
                 raise DownloadError(f"{where} lacks part(s) {', '.join(missing)} of {ref.filename}")
     else:
