@@ -15,13 +15,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ggufchat.models.catalog import split_info, split_names
-from ggufchat.models.gguf import GGUFInfo, TensorInfo, read_gguf
+from ggufchat.models.gguf import GGUFInfo, TensorInfo, ggml_type, read_gguf
 
 MARGIN_BYTES = 1 << 30
 _BLOCK = re.compile(r"^blk\.(\d+)\.")
-# KV cache element sizes, bytes per element (quantized types: block bytes / block length).
-KV_ELEMENT_BYTES = {"f32": 4.0, "f16": 2.0, "bf16": 2.0, "q8_0": 34 / 32, "q4_0": 18 / 32, "q4_1": 20 / 32,
-                    "iq4_nl": 18 / 32, "q5_0": 22 / 32, "q5_1": 24 / 32}
 
 
 @dataclass
@@ -113,7 +110,8 @@ def fit_layers(sizes: ModelSizes, free_bytes: list[int], *, n_ctx: int, n_ubatch
                flash_attn: bool = True, cache_type_k: str = "f16", cache_type_v: str = "f16",
                margin: int = MARGIN_BYTES) -> Fit:
     """The largest -ngl whose weights, KV cache and compute buffers fit the devices' free memory."""
-    kv_scale = (KV_ELEMENT_BYTES[cache_type_k] + KV_ELEMENT_BYTES[cache_type_v]) / 4.0  # cells are f16 K+V
+    # Bytes per element from the ggml type table (quantized: block bytes / block length); cells are f16 K+V.
+    kv_scale = (ggml_type(cache_type_k)[1] + ggml_type(cache_type_v)[1]) / 4.0
     items = [int(b + kv * n_ctx * kv_scale) for b, kv in zip(sizes.layer_bytes, sizes.kv_bytes_per_cell, strict=True)]
     # Offload order: output head first, then repeating layers from the last one down.
     order = [sizes.output_bytes] + items[::-1]

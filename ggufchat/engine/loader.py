@@ -14,19 +14,11 @@ from ggufchat.engine.backend import BACKEND
 from ggufchat.engine.devices import Device, list_devices
 from ggufchat.engine.fit import Fit, fit_layers, model_sizes
 from ggufchat.errors import InvalidModelFile, InvalidParameter, ModelLoadError, ModelNotFound
-from ggufchat.models.gguf import GGUFInfo, read_gguf
+from ggufchat.models.gguf import GGUFInfo, ggml_type, read_gguf
 
-KV_TYPES = {
-    "f32": llama_cpp.GGML_TYPE_F32,
-    "f16": llama_cpp.GGML_TYPE_F16,
-    "bf16": 30,  # GGML_TYPE_BF16; not exported by the bindings
-    "q8_0": llama_cpp.GGML_TYPE_Q8_0,
-    "q4_0": llama_cpp.GGML_TYPE_Q4_0,
-    "q4_1": llama_cpp.GGML_TYPE_Q4_1,
-    "iq4_nl": llama_cpp.GGML_TYPE_IQ4_NL,
-    "q5_0": llama_cpp.GGML_TYPE_Q5_0,
-    "q5_1": llama_cpp.GGML_TYPE_Q5_1,
-}
+# The KV cache types llama.cpp accepts (-ctk / -ctv); their ids come from the one ggml type table.
+KV_TYPES = {name: ggml_type(name)[0] for name in
+            ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "iq4_nl", "q5_0", "q5_1")}
 FLASH_ATTN = {
     "auto": llama_cpp.LLAMA_FLASH_ATTN_TYPE_AUTO,
     "on": llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED,

@@ -34,6 +34,16 @@ GGML_TYPES: dict[int, tuple[str, int, int]] = {
     34: ("TQ1_0", 256, 54), 35: ("TQ2_0", 256, 66), 39: ("MXFP4", 32, 17),
 }
 
+_TYPE_IDS = {name.lower(): type_id for type_id, (name, _, _) in GGML_TYPES.items()}
+
+
+def ggml_type(name: str) -> tuple[int, float]:
+    """(ggml type id, bytes per element) of a type named as llama.cpp's flags name it: 'f16', 'q8_0'..."""
+    type_id = _TYPE_IDS[name.lower()]
+    _, block, size = GGML_TYPES[type_id]
+    return type_id, size / block
+
+
 # Arrays longer than this (token lists, merges) are skipped and stored as their length only.
 _MAX_ARRAY_KEEP = 64
 _MAX_STRING = 1 << 26

@@ -105,3 +105,14 @@ def test_cpu_only_load_reports_cpu_only(model_path):
         assert model.offload_summary() == "CPU only"
     finally:
         model.close()
+
+
+def test_the_one_ggml_type_table_agrees_with_the_bindings():
+    import llama_cpp
+
+    from ggufchat.engine.loader import KV_TYPES
+
+    for name, type_id in KV_TYPES.items():
+        exported = getattr(llama_cpp, f"GGML_TYPE_{name.upper()}", None)
+        assert exported is None or exported == type_id, name
+    assert KV_TYPES["bf16"] == 30  # not exported by the bindings: ggml.h's GGML_TYPE_BF16
