@@ -153,7 +153,6 @@ class LoadedModel:
         self.model = self._load_model()
         try:
             self.vocab = llama_cpp.llama_model_get_vocab(self.model)
-            self.n_ctx_train = llama_cpp.llama_model_n_ctx_train(self.model)
             self.ctx = self._new_context()
         except BaseException:
             llama_cpp.llama_model_free(self.model)
@@ -206,19 +205,23 @@ class LoadedModel:
 
     def _fit(self, offload: list[Device]) -> Fit:
         o = self.options
-        per_seq = min(self.info.context_length or DEFAULT_CTX_PER_SEQ, DEFAULT_CTX_PER_SEQ)
-        fit = fit_layers(model_sizes(self.info), [d.free_bytes for d in offload],
-                         n_ctx=o.n_ctx or per_seq * o.n_seq_max, n_ubatch=min(o.n_ubatch, o.n_batch),
-                         n_seq=o.n_seq_max, flash_attn=o.flash_attn != "off",
+        fit = fit_layers(model_sizes(self.info), [d.free_bytes for d in offload], n_ctx=self._n_ctx(),
+                         n_ubatch=min(o.n_ubatch, o.n_batch), n_seq=o.n_seq_max, flash_attn=o.flash_attn != "off",
                          cache_type_k=o.cache_type_k, cache_type_v=o.cache_type_v)
         logger.info(fit.summary)
         return fit
 
+    def _n_ctx(self) -> int:
+        """The context over all sequences: -c, or the model's training context capped at
+        DEFAULT_CTX_PER_SEQ for each sequence. One source (the GGUF header) for the fit and the context."""
+        o = self.options
+        per_seq = min(self.info.context_length or DEFAULT_CTX_PER_SEQ, DEFAULT_CTX_PER_SEQ)
+        return o.n_ctx or per_seq * o.n_seq_max
+
     def _new_context(self):
         o = self.options
         params = llama_cpp.llama_context_default_params()
-        per_seq = min(self.n_ctx_train or DEFAULT_CTX_PER_SEQ, DEFAULT_CTX_PER_SEQ)
-        params.n_ctx = o.n_ctx or per_seq * o.n_seq_max
+        params.n_ctx = self._n_ctx()
         params.n_batch = o.n_batch
         params.n_ubatch = min(o.n_ubatch, o.n_batch)
         params.n_seq_max = o.n_seq_max
