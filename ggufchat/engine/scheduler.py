@@ -36,18 +36,16 @@ Emit = Callable[[Event], None]
 # After handing a step's events to an event loop, wait (at most this long) until the loop has run the
 # consumers, down to their socket writes, before decoding the next batch. When the decode threads take
 # every CPU, the loop's work would otherwise land in the middle of llama_decode, preempting one decode
-# thread while the others spin at a barrier. Measured with 2 cores and -t 2, 3 paired runs: 1 client
-# 77-100 -> 97-106 t/s, 8 clients 149-156 -> 164-170 t/s. The cap keeps a busy loop from stalling the
-# engine. With a CPU left over (-t 1 on 2 cores) the loop runs there without preempting anything, and
-# waiting only puts its work on the path of every token: not waiting was faster by 2.4% at 1 client
-# (16 paired requests) and 5.2% at 8 clients (8 paired rounds, all 8 won).
+# thread while the others spin at a barrier; the cap keeps a busy loop from stalling the engine. With a
+# CPU left over (-t 1 on 2 cores) the loop runs there without preempting anything, and waiting would
+# only put its work on the path of every token. Measurements: docs/benchmarks.md (the hand-off).
 _HANDOFF_WAIT = 0.003
 
 
 # What one more ubatch per decode step costs, in prompt tokens of prefill saved: an extra pass over the
-# weights takes about a one-token decode (~7 ms here), prefill runs at ~3 ms a token, and a reply lasts
-# a few hundred steps; so reusing a cached prefix is worth splitting the batch only when it is long
-# (the next turn of a long conversation), not for a shared system prompt.
+# weights costs about a one-token decode at every step of a reply, a saved prefill token is paid once; so
+# reusing a cached prefix is worth splitting the batch only when it is long (the next turn of a long
+# conversation), not for a shared system prompt. See docs/benchmarks.md (slots and ubatches).
 FRAGMENT_TOKENS = 256
 
 
@@ -251,8 +249,7 @@ class Scheduler:
 
         Why runs matter: with a KV stream per sequence, llama.cpp puts only consecutive sequence ids in
         one ubatch, so every gap among the generating sequences' ids costs one more pass over the
-        weights per step. Measured, 4 clients: busy slots scattered by prefix affinity made each step
-        split into up to four graph runs (see docs/benchmarks.md)."""
+        weights per step (docs/benchmarks.md, slots and ubatches)."""
         busy = {s.seq_id for s in self.slots if s.busy}
 
         def extra_runs(seq_id: int) -> int:
@@ -282,8 +279,8 @@ class Scheduler:
         seq.detok = Detokenizer(self.tokenizer)
         seq.stops = StopMatcher(req.stop)
         # Keep the batch in sequence-id order: llama.cpp decodes a batch whose sequence ids are out of
-        # order ~15-20% slower with a KV stream per sequence (measured: 8 sequences, slot 0 last in
-        # the batch: 150-185 t/s; in order: 195-220 t/s). Slots are taken in any order, so sort here.
+        # order markedly slower with a KV stream per sequence (docs/benchmarks.md, batch order). Slots
+        # are taken in any order, so sort here.
         bisect.insort(self._active, seq, key=lambda s: s.slot.seq_id)
 
     def _step(self, batch) -> None:
