@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import json
 import socket
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import requests
 
-from tests.server.conftest import metric, post, serve
+from tests.server.conftest import metric, post, serve, wait_for
 
 PROMPTS = ["Tell me about the sea.", "What is a prime number?", "Write a haiku about snow.", "Why is the sky blue?",
            "Name a famous painter.", "How do birds fly?", "What is bread made of?", "Describe a forest at night."]
@@ -53,22 +52,13 @@ def _open_stream(url: str, max_tokens: int) -> socket.socket:
     return sock
 
 
-def _wait_for(predicate, timeout: float = 10) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return False
-
-
 def test_disconnect_cancels_the_sequence(url: str, engine):
     before = metric(url, "ggufchat_sequences_cancelled_total", 'why="disconnect"')
     sock = _open_stream(url, max_tokens=1500)
-    assert _wait_for(lambda: engine.scheduler.active_count == 1)
+    assert wait_for(lambda: engine.scheduler.active_count == 1)
     sock.close()
     # Freed at the next step, long before its 1500 tokens were done.
-    assert _wait_for(lambda: engine.scheduler.active_count == 0, timeout=5)
+    assert wait_for(lambda: engine.scheduler.active_count == 0, timeout=5)
     assert metric(url, "ggufchat_sequences_cancelled_total", 'why="disconnect"') == before + 1
 
 
@@ -78,9 +68,9 @@ def test_disconnect_of_a_non_streaming_request(url: str, engine):
     sock = socket.create_connection((host, int(port)))
     sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                  b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
-    assert _wait_for(lambda: engine.scheduler.active_count == 1)
+    assert wait_for(lambda: engine.scheduler.active_count == 1)
     sock.close()
-    assert _wait_for(lambda: engine.scheduler.active_count == 0, timeout=5)
+    assert wait_for(lambda: engine.scheduler.active_count == 0, timeout=5)
 
 
 def test_full_queue_answers_429_with_retry_after(engine):
@@ -95,5 +85,5 @@ def test_full_queue_answers_429_with_retry_after(engine):
         finally:
             for sock in busy:
                 sock.close()
-        assert _wait_for(lambda: engine.scheduler.active_count == 0 and engine.scheduler.queue_depth == 0)
+        assert wait_for(lambda: engine.scheduler.active_count == 0 and engine.scheduler.queue_depth == 0)
         assert post(url, "/v1/completions", {"prompt": "hi", "max_tokens": 4}).status_code == 200

@@ -4,20 +4,10 @@ from __future__ import annotations
 
 import json
 import socket
-import time
 
 import requests
 
-from tests.server.conftest import metric, serve
-
-
-def _wait_for(predicate, timeout: float = 10) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return False
+from tests.server.conftest import metric, serve, wait_for
 
 
 def _health(url: str) -> dict:
@@ -34,15 +24,15 @@ def test_health_and_gauges_show_a_request_in_flight(url: str):
         sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                      b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
         assert b"200 OK" in sock.recv(4096)
-        assert _wait_for(lambda: _health(url)["slots_processing"] == 1)
+        assert wait_for(lambda: _health(url)["slots_processing"] == 1)
         assert _health(url)["queue_depth"] == 0
         assert metric(url, "ggufchat_active_sequences") == 1
         # Taking a slot comes before the first decode step ends (seconds, on a busy machine).
-        assert _wait_for(lambda: metric(url, "ggufchat_engine_steps") > steps_before, timeout=60)
+        assert wait_for(lambda: metric(url, "ggufchat_engine_steps") > steps_before, timeout=60)
         assert metric(url, "ggufchat_engine_decode_seconds") > 0
     finally:
         sock.close()
-    assert _wait_for(lambda: _health(url)["slots_processing"] == 0 and metric(url, "ggufchat_active_sequences") == 0)
+    assert wait_for(lambda: _health(url)["slots_processing"] == 0 and metric(url, "ggufchat_active_sequences") == 0)
 
 
 def test_gauges_read_zero_and_no_created_series_without_a_model():
