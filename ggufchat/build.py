@@ -19,6 +19,7 @@ from importlib.metadata import PackageNotFoundError, requires
 from pathlib import Path
 
 from ggufchat.errors import BuildError, InvalidParameter
+from ggufchat.machine import available_cpus
 
 PACKAGE = "llama-cpp-python"
 # Fallback only: the pin is read from ggufchat's own installed requirements (which come from
@@ -140,10 +141,7 @@ class BuildPlan:
 
 
 def default_jobs() -> int:
-    try:
-        return len(os.sched_getaffinity(0)) or 1
-    except AttributeError:  # pragma: no cover - not on Linux
-        return os.cpu_count() or 1
+    return available_cpus()
 
 
 # --- checks -------------------------------------------------------------------------------------------

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import ctypes
 import logging
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -14,6 +13,7 @@ from ggufchat.engine.backend import BACKEND
 from ggufchat.engine.devices import Device, list_devices
 from ggufchat.engine.fit import Fit, fit_layers, model_sizes
 from ggufchat.errors import InvalidModelFile, InvalidParameter, ModelLoadError, ModelNotFound
+from ggufchat.machine import available_cpus
 from ggufchat.models.gguf import GGUFInfo, ggml_type, read_gguf
 
 # The KV cache types llama.cpp accepts (-ctk / -ctv); their ids come from the one ggml type table.
@@ -31,13 +31,6 @@ SPLIT_MODES = {
 }
 DEFAULT_CTX_PER_SEQ = 4096
 logger = logging.getLogger(__name__)
-
-
-def available_cpus() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
 
 
 def default_threads() -> int:

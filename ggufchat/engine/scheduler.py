@@ -21,12 +21,13 @@ from dataclasses import dataclass, field
 
 import llama_cpp
 
-from ggufchat.engine.loader import LoadedModel, available_cpus
+from ggufchat.engine.loader import LoadedModel
 from ggufchat.engine.sampling import Sampler
 from ggufchat.engine.stops import StopMatcher
 from ggufchat.engine.tokens import Detokenizer, Tokenizer
 from ggufchat.engine.types import Delta, Event, Finish, GenerationRequest, Usage
 from ggufchat.errors import DecodeError, EngineStopped
+from ggufchat.machine import available_cpus
 
 log = logging.getLogger(__name__)
 

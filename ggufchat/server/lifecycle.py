@@ -10,7 +10,6 @@ import asyncio
 import collections
 import logging
 import math
-import os
 import statistics
 import time
 from collections.abc import Callable
@@ -20,6 +19,7 @@ from typing import TypeVar
 
 from ggufchat.engine import Engine, EngineStats
 from ggufchat.errors import EngineStopped, QueueFull
+from ggufchat.machine import available_cpus
 from ggufchat.server.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -96,7 +96,7 @@ class ModelHolder:
         # Preparing a request (template, tokenizing, a grammar) runs here, never on the event loop.
         # As many threads as the default executor: tokenizing releases the GIL, and one big request
         # must not make the small ones behind it wait.
-        self._pool = ThreadPoolExecutor(max_workers=min(32, (os.cpu_count() or 1) + 4),
+        self._pool = ThreadPoolExecutor(max_workers=min(32, available_cpus() + 4),
                                         thread_name_prefix="ggufchat-prepare")
         metrics.model_loaded.set(1 if engine is not None else 0)
         metrics.watch(self.stats)
