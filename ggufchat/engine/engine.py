@@ -214,8 +214,7 @@ class Engine:
     def detokenize(self, tokens: list[int], *, param: str = "tokens") -> str:
         """Ids from anywhere (a client's too): an id outside the vocabulary is an InvalidParameter
         naming `param`."""
-        self.tokenizer.check_ids(tokens, param)
-        return self.tokenizer.detokenize(tokens)
+        return self.tokenizer.detokenize(tokens, param)
 
     def render_chat(self, messages: list[dict[str, Any]], *, add_generation_prompt: bool = True) -> str:
         return "".join(s.text for s in self._segments(messages, add_generation_prompt))

@@ -18,9 +18,20 @@ from ggufchat.errors import InvalidParameter
 _SLICE = 1 << 16
 
 
-def scrub_surrogates(text: str) -> str:
+def _scrub_surrogates(text: str) -> str:
     """`text` with every lone surrogate replaced by U+FFFD (a valid pair becomes its character)."""
     return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+
+
+def valid_unicode(text: str) -> str:
+    """`text` itself when UTF-8 can encode it, else a copy with its lone surrogates as U+FFFD."""
+    if text.isascii():
+        return text
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return _scrub_surrogates(text)
+    return text
 
 
 def encode_text(text: str) -> bytes:
@@ -28,7 +39,7 @@ def encode_text(text: str) -> bytes:
     try:
         return text.encode("utf-8")
     except UnicodeEncodeError:
-        return scrub_surrogates(text).encode("utf-8")
+        return _scrub_surrogates(text).encode("utf-8")
 
 
 class Tokenizer:
@@ -87,8 +98,8 @@ class Tokenizer:
         n = llama_cpp.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, True)
         return buf.raw[: max(n, 0)].decode("utf-8", errors="replace")
 
-    def detokenize(self, tokens: list[int]) -> str:
-        self.check_ids(tokens, "tokens")
+    def detokenize(self, tokens: list[int], param: str = "tokens") -> str:
+        self.check_ids(tokens, param)
         return b"".join(self.piece(t) for t in tokens).decode("utf-8", errors="replace")
 
     def eog_tokens(self) -> list[int]:

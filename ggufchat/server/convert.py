@@ -48,15 +48,7 @@ def _text_content(message: ChatMessage) -> str:
     return "".join(texts)
 
 
-def check_message_count(n: int, limit: int, param: str = "messages") -> None:
-    # Rendering a chat template is pure Python: 100,000 messages would keep a CPU busy for seconds
-    # before the context check could refuse them.
-    if n > limit:
-        raise InvalidParameter(f"{n} messages; this server takes at most {limit} in one request", param=param)
-
-
-def chat_messages(messages: list[ChatMessage], limit: int) -> list[dict[str, str]]:
-    check_message_count(len(messages), limit)
+def chat_messages(messages: list[ChatMessage]) -> list[dict[str, str]]:
     out = []
     for m in messages:
         # "developer" is OpenAI's newer name for the system role; chat templates only know "system".
@@ -65,13 +57,12 @@ def chat_messages(messages: list[ChatMessage], limit: int) -> list[dict[str, str
     return out
 
 
-def simple_messages(req: SimpleRequest, limit: int) -> list[dict[str, str]]:
+def simple_messages(req: SimpleRequest) -> list[dict[str, str]]:
     """The seeds' history: a list of {"role", "content"}, or of [user, assistant] pairs (ChatGLM style)."""
-    check_message_count(2 * len(req.history) + 2, limit, "history")
     messages = [{"role": "system", "content": req.system}] if req.system else []
     for i, item in enumerate(req.history):
         if isinstance(item, ChatMessage):
-            messages.extend(chat_messages([item], 1))
+            messages.extend(chat_messages([item]))
         elif len(item) == 2:
             messages += [{"role": "user", "content": item[0]}, {"role": "assistant", "content": item[1]}]
         else:

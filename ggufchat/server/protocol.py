@@ -20,23 +20,13 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
-from ggufchat.engine.tokens import scrub_surrogates
+from ggufchat.engine.tokens import valid_unicode
 
 MAX_N = 16
 
 
-def _valid_unicode(text: str) -> str:
-    if text.isascii():
-        return text
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return scrub_surrogates(text)
-    return text
-
-
 # Every string a client sends: it reaches the tokenizer, hashes and JSON replies, which all need UTF-8.
-Text = Annotated[str, AfterValidator(_valid_unicode)]
+Text = Annotated[str, AfterValidator(valid_unicode)]
 
 
 class _Wire(BaseModel):

@@ -20,9 +20,8 @@ router = APIRouter(tags=["OpenAI"])
 async def chat_completions(request: Request, srv: ServerState = Depends(server_state)):
     """Chat completion (OpenAI API); `stream: true` for server-sent events."""
     body = await parse(request, ChatCompletionRequest, srv.holder, max_items={"messages": srv.config.max_messages})
-    messages = convert.chat_messages(body.messages, srv.config.max_messages)
     gen = await Generation.open(srv.holder, request, body.n, lambda engine: convert.chat_requests(
-        body, engine.chat_tokens(messages), engine.grammar_limits), stream=body.stream)
+        body, engine.chat_tokens(convert.chat_messages(body.messages)), engine.grammar_limits), stream=body.stream)
     rid = convert.new_id("chatcmpl")
     model = srv.config.model_id
     if body.stream:

@@ -28,8 +28,10 @@ async def _reply(srv: ServerState, request: Request, build: Callable[[Engine], G
 @router.post("/", openapi_extra=documented(SimpleRequest))
 async def simple(request: Request, srv: ServerState = Depends(server_state)):
     """`{"prompt", "history"}` -> `{"response", "status", "time"}`, as the seeds' FastAPI servers answer."""
-    body = await parse(request, SimpleRequest, srv.holder, max_items={"history": srv.config.max_messages // 2})
-    messages = convert.simple_messages(body, srv.config.max_messages)
+    # A history item can be a [user, assistant] pair, and the system prompt and the prompt come on top.
+    history_items = (srv.config.max_messages - 2) // 2
+    body = await parse(request, SimpleRequest, srv.holder, max_items={"history": history_items})
+    messages = convert.simple_messages(body)
     text = await _reply(srv, request, lambda engine: convert.simple_request(
         body, engine.chat_tokens(messages), convert.SIMPLE_MAX_TOKENS))
     return convert.simple_response(text)
