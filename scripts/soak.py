@@ -860,18 +860,22 @@ def format_summary(s: dict) -> str:
                    f"longest stall with active sequences {sv['longest_stall_s']} s; server CPU {sv['server_cpu_s']} s; "
                    f"machine load (1 min) max {sv['load1_max']}")
     if "stop" in s:
-        st = s["stop"]
-        out.append(f"server stop: exit code {st['exit_code']} after {st['stop_s']} s"
-                   + (" (SIGKILL needed)" if st["killed"] else ""))
+        out.append(stop_line(s["stop"]))
     if s.get("log_problems"):
         out.append(f"server log: {len(s['log_problems'])} traceback/ERROR lines, first: {s['log_problems'][0]}")
     out += [f"  {x['count']} x {x['kind']}: {x['failure']}: {x['detail']}" for x in s["failure_samples"][:5]]
-    if s["reasons"]:
-        out.append("FAIL:")
-        out += [f"  - {x}" for x in s["reasons"]]
-    else:
-        out.append("PASS")
+    out += verdict_lines(s["reasons"])
     return "\n".join(out)
+
+
+def stop_line(stop: dict) -> str:
+    return (f"server stop: exit code {stop['exit_code']} after {stop['stop_s']} s"
+            + (" (SIGKILL needed)" if stop["killed"] else ""))
+
+
+def verdict_lines(reasons: list[str]) -> list[str]:
+    """The last lines of a report: PASS, or FAIL and why."""
+    return ["FAIL:", *(f"  - {r}" for r in reasons)] if reasons else ["PASS"]
 
 
 def split_serve_args(argv: list[str] | None) -> tuple[list[str], list[str]]:

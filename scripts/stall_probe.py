@@ -94,7 +94,9 @@ from soak import (  # noqa: E402
     read_head,
     split_serve_args,
     start_server,
+    stop_line,
     stop_server,
+    verdict_lines,
 )
 
 CHAT = "/v1/chat/completions"
@@ -527,14 +529,8 @@ def format_report(s: dict) -> str:
         out.append(f"fewer than {FEW_GAPS} ITL gaps (the p99 is then about the max; ratios are noise): "
                    + ", ".join(few))
     if s.get("stop"):
-        st = s["stop"]
-        out.append(f"server stop: exit code {st['exit_code']} after {st['stop_s']} s"
-                   + (" (SIGKILL needed)" if st["killed"] else ""))
-    if s["reasons"]:
-        out.append("FAIL:")
-        out += [f"  - {r}" for r in s["reasons"]]
-    else:
-        out.append("PASS")
+        out.append(stop_line(s["stop"]))
+    out += verdict_lines(s["reasons"])
     return "\n".join(out)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -53,6 +54,16 @@ def fresh(engine: Engine) -> Engine:
     """The shared engine with its prefix cache emptied, so nothing is reused from earlier tests."""
     engine.clear_cache()
     return engine
+
+
+def wait_for(condition, timeout: float = 10, interval: float = 0.05) -> bool:
+    """Poll condition() until it holds (True) or the timeout passes (then its last answer)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(interval)
+    return bool(condition())
 
 
 def chat(engine: Engine, text: str, system: str | None = None) -> list[int]:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import ast
 import re
-import time
 from pathlib import Path
 
 import pytest
@@ -14,18 +13,11 @@ from ggufchat.engine import Delta, Engine, EngineStats, GenerationRequest, Sampl
 from ggufchat.engine.backend import BACKEND
 from ggufchat.engine.devices import gpu_backends
 from ggufchat.errors import InvalidParameter
-from tests.conftest import N_SEQ, chat
+from tests.conftest import N_SEQ, chat, wait_for
 
 ENGINE_DIR = Path(__file__).parents[2] / "ggufchat" / "engine"
 
 
-def _wait_for(cond, timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return True
-        time.sleep(0.005)
-    return cond()
 
 
 def _long(engine: Engine, text: str) -> GenerationRequest:
@@ -46,19 +38,20 @@ def test_stats_follow_a_request_in_flight(fresh: Engine):
     for _ in events:
         pass
     assert stream.finish.reason == "cancelled"
-    assert _wait_for(lambda: fresh.stats().active_sequences == 0)
+    assert wait_for(lambda: fresh.stats().active_sequences == 0, interval=0.005)
 
 
 def test_stats_count_the_requests_waiting_for_a_slot(fresh: Engine):
     streams = [fresh.submit(_long(fresh, f"Tell story number {i}.")) for i in range(N_SEQ + 2)]
     try:
-        assert _wait_for(lambda: fresh.stats().active_sequences == N_SEQ and fresh.stats().queue_depth == 2)
+        assert wait_for(lambda: fresh.stats().active_sequences == N_SEQ and fresh.stats().queue_depth == 2,
+                        interval=0.005)
     finally:
         for s in streams:
             s.cancel()
         for s in streams:
             list(s)
-    assert _wait_for(lambda: fresh.stats().queue_depth == 0 and fresh.stats().active_sequences == 0)
+    assert wait_for(lambda: fresh.stats().queue_depth == 0 and fresh.stats().active_sequences == 0, interval=0.005)
 
 
 def test_stats_are_a_snapshot(engine: Engine):

@@ -6,13 +6,13 @@ always overlap however slow the machine is.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import signal
 import subprocess
 import sys
 import threading
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,8 +22,11 @@ from ggufchat.models import hub as hubmod
 from ggufchat.models.hub import download
 from ggufchat.models.store import Store, sha256_file
 from ggufchat.settings import Settings
+from tests.conftest import wait_for as _wait_for
 from tests.hubserver import FakeHub
 from tests.models.conftest import HF_REPO, QUANT_FILE
+
+wait_for = functools.partial(_wait_for, timeout=30)  # two download processes on 2 cores: give them time
 
 PAUSE = 25 << 20  # huggingface_hub writes 10 MiB chunks: 20 MiB are on disk while the server holds the rest
 WAITING = "Waiting for another ggufchat download of"
@@ -75,15 +78,6 @@ def runs():
             run.proc.wait()
 
 
-def wait_until(condition, timeout: float = 30) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.05)
-    return False
-
-
 def file_gets(hub: FakeHub, marker: str) -> list[str | None]:
     """The Range header (None when absent) of each GET of the file."""
     return [h.get("range") for m, p, h in hub.requests if m == "GET" and marker in p]
@@ -113,7 +107,7 @@ def test_two_downloads_of_one_model_install_it_once(tmp_path, hub, gguf, runs, s
     # Started together: either may win the lock; the winner is held mid-file until the other says it waits.
     runs += [Run.start(tmp_path, hub, tag, spec) for tag in ("a", "b")]
     try:
-        wait_until(lambda: any(WAITING in r.stderr() for r in runs) or any(r.proc.poll() is not None for r in runs))
+        wait_for(lambda: any(WAITING in r.stderr() for r in runs) or any(r.proc.poll() is not None for r in runs))
     finally:
         resume.set()
     assert [r.finish() for r in runs] == [0, 0], [r.stderr() for r in runs]
@@ -143,7 +137,7 @@ def test_two_models_of_one_repo_download_side_by_side(tmp_path, hub, gguf, runs)
     runs.append(Run.start(tmp_path, hub, "a", ALIAS, "--source", "hf"))
     (first,) = runs
     try:
-        assert wait_until(lambda: any(p.stat().st_size >= 20 << 20 for p in home.rglob("*.part"))), first.stderr()
+        assert wait_for(lambda: any(p.stat().st_size >= 20 << 20 for p in home.rglob("*.part"))), first.stderr()
         lines: list[str] = []
         # In this process, while the other one is still in the middle of its file.
         model = download("qwen2-7b-instruct:q5_0", Settings(home=home, hf_endpoint=hub.url), source="hf",
@@ -163,11 +157,11 @@ def test_two_models_of_one_repo_download_side_by_side(tmp_path, hub, gguf, runs)
 def test_ctrl_c_while_waiting_exits_cleanly(tmp_path, hub, gguf, runs):
     resume = hub.pause_after(HF_REPO, QUANT_FILE, PAUSE)
     runs.append(Run.start(tmp_path, hub, "a", ALIAS))
-    assert wait_until(lambda: file_gets(hub, QUANT_FILE)), runs[0].stderr()  # it holds the lock: it is fetching
+    assert wait_for(lambda: file_gets(hub, QUANT_FILE)), runs[0].stderr()  # it holds the lock: it is fetching
     runs.append(Run.start(tmp_path, hub, "b", ALIAS))
     first, second = runs
     try:
-        assert wait_until(lambda: WAITING in second.stderr()), second.stderr()
+        assert wait_for(lambda: WAITING in second.stderr()), second.stderr()
         second.proc.send_signal(signal.SIGINT)
         assert second.finish(30) == 130, second.stderr()
     finally:
@@ -183,12 +177,12 @@ def test_the_waiting_run_continues_when_the_first_is_interrupted(tmp_path, hub, 
     hub.pause_after(HF_REPO, QUANT_FILE, PAUSE)  # never resumed: the first run is interrupted while held
     home = tmp_path / "home"
     runs.append(Run.start(tmp_path, hub, "a", ALIAS))
-    assert wait_until(lambda: any(p.stat().st_size >= 20 << 20 for p in home.rglob("*.part"))), runs[0].stderr()
+    assert wait_for(lambda: any(p.stat().st_size >= 20 << 20 for p in home.rglob("*.part"))), runs[0].stderr()
     (part,) = home.rglob("*.part")
     kept = part.stat().st_size  # the server sends nothing more, so this is what the first run leaves
     runs.append(Run.start(tmp_path, hub, "b", ALIAS))
     first, second = runs
-    assert wait_until(lambda: WAITING in second.stderr()), second.stderr()
+    assert wait_for(lambda: WAITING in second.stderr()), second.stderr()
     first.proc.send_signal(signal.SIGINT)
     assert first.finish(30) == 130, first.stderr()
     assert second.finish() == 0, second.stderr()
@@ -210,7 +204,7 @@ def test_a_long_wait_keeps_saying_it_waits(tmp_path, hub, monkeypatch):
         waiting = threading.Thread(target=download, args=(ALIAS, Settings(home=home, hf_endpoint=hub.url)),
                                    kwargs={"source": "hf", "report": lines.append}, daemon=True)
         waiting.start()
-        assert wait_until(lambda: sum("still waiting" in line for line in lines) >= 2), lines
+        assert wait_for(lambda: sum("still waiting" in line for line in lines) >= 2), lines
         assert not file_gets(hub, QUANT_FILE)  # nothing fetched while the other holds the model
     finally:
         holder.release()

@@ -16,6 +16,7 @@ from ggufchat.engine import Engine
 from ggufchat.server.app import create_app
 from ggufchat.server.connections import HttpLimits, uvicorn_config
 from ggufchat.server.lifecycle import ServerConfig
+from tests.conftest import wait_for  # noqa: F401 (the server tests import it from here)
 
 
 @contextmanager
@@ -79,12 +80,3 @@ def metric(url: str, name: str, labels: str = "") -> float:
             return float(line.split()[-1])
     return 0.0
 
-
-def wait_for(predicate, timeout: float = 10) -> bool:
-    """Poll predicate() until it is true (True) or the timeout passes (False)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return False

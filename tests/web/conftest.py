@@ -6,12 +6,12 @@ No chromium means failed tests with the reason, never silently skipped ones."""
 from __future__ import annotations
 
 import os
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from tests.conftest import wait_for  # noqa: F401 (the web tests import it from here)
 from tests.server.conftest import serve
 
 CHROMIUM = Path(os.environ.get("GGUFCHAT_CHROMIUM", "/usr/bin/chromium"))
@@ -111,10 +111,3 @@ def chat_page(browser) -> Iterator[ChatPage]:
     assert not chat.csp_violations(), chat.csp_violations()
 
 
-def wait_for(condition: Callable[[], bool], timeout: float = 10) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.05)
-    return condition()
