@@ -1,8 +1,8 @@
 """Request bodies, parsed and validated off the event loop when they are big.
 
-FastAPI parses and validates a declared body on the event loop before the route runs: a 4 MiB body of
-110,000 chat messages held every other client (and /health) for ~0.4 s (json.loads ~80 ms, pydantic
-~350 ms, measured on 2 cores), and 800,000 prompt token ids ~0.3 s. So the routes that take a body
+FastAPI parses and validates a declared body on the event loop before the route runs, and a body near
+the size limit held every other client (and /health) for a large part of a second (the measurements:
+docs/benchmarks.md, costs behind design choices). So the routes that take a body
 read it themselves with `await parse(request, Model, holder)`: a small body is parsed in place (a hop
 to a thread would cost more than the parse), a big one on the server's preparation threads. Their
 OpenAPI entry still names the model (`openapi_extra=documented(Model)`, and `add_schemas` puts the
@@ -26,7 +26,7 @@ from ggufchat.server.lifecycle import ModelHolder
 
 M = TypeVar("M", bound=BaseModel)
 
-INLINE_BYTES = 32 * 1024  # at most ~1 ms of parsing: done on the event loop
+INLINE_BYTES = 32 * 1024  # about a millisecond of parsing: cheaper in place than a hop to a thread
 _REF = "#/components/schemas/{model}"
 
 
@@ -53,7 +53,7 @@ def _is_json(content_type: str | None) -> bool:
 async def parse(request: Request, model: type[M], holder: ModelHolder, *,
                 max_items: dict[str, int] | None = None) -> M:
     """The body as `model`. `max_items`: top-level list fields and their longest length, refused before
-    validation (validating 110,000 messages only to refuse them costs ~0.3 s of CPU and GIL)."""
+    validation (validating a huge list only to refuse it would hold the GIL for a long time)."""
     # JSON only (as FastAPI's strict default): a browser page elsewhere can send text/plain without a
     # CORS preflight, and must not be able to spend this server's model that way.
     if not _is_json(request.headers.get("content-type")):

@@ -81,9 +81,9 @@ def _json(content) -> Response:
 
 
 def _json_tokens(items: list) -> Response:
-    """{"tokens": items}, encoded and sent in slices as it is written: a million items are ~35 MB of
-    JSON, and one json.dumps, join or encode of it holds the GIL for ~0.1 s at a time, during which
-    the event loop (another thread) could do nothing. Starlette pulls each slice on a worker thread."""
+    """{"tokens": items}, encoded and sent in slices as it is written: one json.dumps, join or encode of
+    a million items holds the GIL long enough to stall the event loop (another thread; numbers in
+    docs/benchmarks.md, costs behind design choices). Starlette pulls each slice on a worker thread."""
     if len(items) <= _SLICE:
         return _json({"tokens": items})
 
