@@ -6,11 +6,13 @@ fails before pip starts, and even then pip is pointed at no index (see _env) in 
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shlex
 import sys
 from pathlib import Path
 
+import llama_cpp
 import pytest
 
 from ggufchat.build import (
@@ -27,6 +29,7 @@ from ggufchat.build import (
     run_pip,
     verify,
 )
+from ggufchat.engine import devices
 from ggufchat.errors import BuildError, InvalidParameter
 from tests.conftest import run_cli
 
@@ -259,17 +262,49 @@ def test_run_pip_streams_to_the_log_and_reports_the_error(tmp_path):
 
 # --- verification in a fresh interpreter -------------------------------------------------------------
 
-def test_verify_on_this_cpu_only_library():
+def test_verify_reports_what_this_library_was_built_with():
+    """verify() asks a fresh interpreter; it must say what llama.cpp, asked here, says of the same
+    library: a CPU build on one machine, a CUDA build on another."""
     result = verify()
     assert isinstance(result, VerifyResult)
     assert result.version == pinned_version()
-    assert result.gpu_offload is False  # this machine's llama-cpp-python is a CPU build
-    assert "CPU" in result.backends
-    assert Path(result.library).is_dir()
-    check_result(BuildPlan.from_flags(cuda=False, cpu=True, jobs=1), result, None)  # what a --cpu build wants
+    assert Path(result.library) == devices.library_folder() and Path(result.library).is_dir()
+    assert result.backends == devices.list_backends() and "CPU" in result.backends
+    assert result.devices == [d.description for d in devices.list_devices()]
+    info = devices.system_info()
+    assert result.gpu_offload is info["gpu_offload"]
+    assert result.rpc is info["rpc"]
+    if result.gpu_offload:  # llama.cpp's own flag (it also says yes for RPC alone, hence not the reverse)
+        assert llama_cpp.llama_supports_gpu_offload()
+
+
+def _cpu_only(result: VerifyResult) -> VerifyResult:
+    """What the same library would report built without a GPU backend."""
+    cpu = [d.description for d in devices.list_devices() if d.kind == "cpu"]
+    return dataclasses.replace(result, gpu_offload=False, devices=cpu,
+                               backends=[b for b in result.backends if b in devices.HOST_BACKENDS])
+
+
+def _with_cuda(result: VerifyResult) -> VerifyResult:
+    """What the same library would report built with CUDA, on a machine with one GPU."""
+    return dataclasses.replace(result, gpu_offload=True, backends=[*result.backends, "CUDA"],
+                               devices=[*result.devices, "NVIDIA H100 80GB HBM3"])
+
+
+def test_check_result_on_a_cpu_only_and_a_cuda_build():
+    """Both outcomes of a --cuda build: this machine's library is one of them, the other is described."""
+    result = verify()
+    cpu_build = result if not result.gpu_offload else _cpu_only(result)
+    cuda_build = result if "CUDA" in result.backends else _with_cuda(result)
+    cpu_plan = BuildPlan.from_flags(cuda=False, cpu=True, jobs=1)
+    cuda_plan = BuildPlan.from_flags(cuda=True, cpu=False, jobs=1)
+
+    check_result(cpu_plan, cpu_build, None)  # what a --cpu build wants
+    check_result(cuda_plan, cuda_build, None)  # what a --cuda build wants
     with pytest.raises(BuildError, match="CPU-only") as err:
-        check_result(BuildPlan.from_flags(cuda=True, cpu=False, jobs=1), result, Path("/tmp/x.log"))
+        check_result(cuda_plan, cpu_build, Path("/tmp/x.log"))  # a --cuda build that lost its GPU backend
     assert "/tmp/x.log" in (err.value.hint or "")
+    assert "backends: " + ", ".join(cpu_build.backends) in str(err.value)
 
 
 def test_verify_reports_a_library_that_does_not_import(tmp_path):

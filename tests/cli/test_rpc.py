@@ -2,6 +2,10 @@
 
 Everything runs as real processes: two workers (llama.cpp's RPC server, compiled into this
 llama-cpp-python by `make install`) and the CLI that splits the embedded model across them.
+
+What the devices are is asked, not assumed (tests/backend_facts.py): on a CPU-only machine the workers
+serve the CPU and a local load is "CPU only"; on a GPU machine they serve its GPUs, and a load offloads
+to the workers and to the local GPUs (llama.cpp's order: RPC devices first).
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import pytest
 
 from ggufchat.engine.rpc import is_loopback, parse_endpoints
 from ggufchat.errors import InvalidParameter
+from tests import backend_facts
 from tests.conftest import run_cli
 
 PROMPTS = ["What is the capital of France?", "Write a haiku about the sea.", "请用一句话介绍你自己。"]
@@ -74,13 +79,19 @@ def test_split_over_two_workers_gives_the_local_greedy_tokens(workers, prompt):
     assert local.returncode == 0, local.stderr
     assert split.returncode == 0, split.stderr
     assert split.stdout.strip() and split.stdout == local.stdout
-    assert "CPU only" in local.stderr
-    assert f"31/31 layers on RPC0 {endpoints[0]}, RPC1 {endpoints[1]}" in split.stderr
+    gpus = backend_facts.offload_names()
+    if gpus:  # -ngl auto puts what fits on them (here, with -c 2048, normally all 31)
+        assert re.search(rf"\d+/31 layers on {re.escape(', '.join(gpus))}\)", local.stderr), local.stderr
+    else:
+        assert "CPU only" in local.stderr
+    # The workers' memory takes every layer; the local GPUs, if any, come after them.
+    on = ", ".join([f"RPC0 {endpoints[0]}", f"RPC1 {endpoints[1]}", *gpus])
+    assert f"31/31 layers on {on})" in split.stderr
 
 
 def test_the_layers_really_live_on_the_workers(workers):
     """llama.cpp's own log of the load: both workers hold weights and KV cache, sized as -ngl auto
-    estimated them from the GGUF header."""
+    estimated them from the GGUF header (with the local GPUs' share, on a machine that has some)."""
     endpoints, _ = workers
     result = _greedy("-p", "hi", "-v", "--rpc", ",".join(endpoints))
     assert result.returncode == 0, result.stderr
@@ -90,6 +101,10 @@ def test_the_layers_really_live_on_the_workers(workers):
     kv_mib = {ep: float(m) for ep, m in re.findall(r"RPC\d\[([\d.:]+)\] KV buffer size = +([\d.]+) MiB", log)}
     assert set(model_mib) == set(kv_mib) == set(endpoints)
     assert all(v > 0 for v in [*model_mib.values(), *kv_mib.values()])
+    for gpu in backend_facts.offload_names():  # "CUDA0 model buffer size", not "CUDA_Host ..."
+        for kind, sizes in (("model", model_mib), ("KV", kv_mib)):
+            found = re.search(rf"\s{re.escape(gpu)} {kind} buffer size = +([\d.]+) MiB", log)
+            sizes[gpu] = float(found.group(1)) if found else 0.0
     estimate = re.search(r"-ngl auto: 31/31 layers offloaded \(all would need ([\d.]+) GiB", log)
     assert estimate, log
     allocated_gib = (sum(model_mib.values()) + sum(kv_mib.values())) / 1024
@@ -180,9 +195,11 @@ def test_worker_stops_on_ctrl_c():
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=15)
     assert proc.returncode == 0
-    assert f"serving 1 device(s) on 127.0.0.1:{port}" in err
+    served = backend_facts.worker_device_names()  # every GPU, else the CPU
+    assert f"serving {len(served)} device(s) on 127.0.0.1:{port}" in err
     assert "rpc-worker stopped" in err
-    assert "Starting RPC server" in out and "CPU" in out  # llama.cpp's own banner: its device list
+    assert "Starting RPC server" in out  # llama.cpp's own banner, then its device list
+    assert all(re.search(rf"^\s*{re.escape(name)}:", out, re.M) for name in served), out
 
 
 def test_worker_on_a_taken_port_is_one_error_line():
@@ -198,9 +215,11 @@ def test_worker_on_a_taken_port_is_one_error_line():
 
 
 def test_worker_unknown_device():
-    result = run_cli("rpc-worker", "--port", str(_free_port()), "--device", "CUDA7")
+    # ggml registers at most 16 CUDA devices: no machine has a CUDA64.
+    result = run_cli("rpc-worker", "--port", str(_free_port()), "--device", "CUDA64")
     assert result.returncode == 1
-    assert result.stderr.strip().startswith("Error: no device named CUDA7; this machine has CPU")
+    names = backend_facts.device_names()  # "CPU" here; "CUDA0, CPU" or the like on a GPU machine
+    assert result.stderr.strip().startswith(f"Error: no device named CUDA64; this machine has {', '.join(names)}")
 
 
 def test_a_build_without_rpc_says_how_to_get_it(monkeypatch):
@@ -212,4 +231,5 @@ def test_a_build_without_rpc_says_how_to_get_it(monkeypatch):
     monkeypatch.setattr(llama_cpp, "llama_supports_rpc", lambda: False)
     with pytest.raises(rpc.RpcError, match="built without RPC support") as err:
         rpc.connect(["127.0.0.1:50052"])
-    assert "ggufchat build --cpu" in err.value.hint
+    # The hint names both rebuilds, whatever this build is: --cuda for a GPU machine, --cpu otherwise.
+    assert "ggufchat build --cpu" in err.value.hint and "--cuda" in err.value.hint

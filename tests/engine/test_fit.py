@@ -11,6 +11,7 @@ import pytest
 from ggufchat.engine.fit import MARGIN_BYTES, compute_bytes, fit_layers, model_sizes
 from ggufchat.engine.loader import LoadedModel, LoadOptions, resolve_gpu_layers
 from ggufchat.models.gguf import read_gguf
+from tests import backend_facts
 
 MiB = 1 << 20
 
@@ -97,12 +98,30 @@ def test_resolve_without_an_offload_device_is_zero():
     assert resolve_gpu_layers(12, 2) == 12
 
 
-def test_cpu_only_load_reports_cpu_only(model_path):
+def test_ngl_0_keeps_every_layer_on_the_cpu(model_path):
+    """-ngl 0 is a CPU-only load on any machine: the GPUs are there to offload to, nothing goes."""
+    model = LoadedModel(LoadOptions(model_path=model_path, n_ctx=512, n_gpu_layers=0))
+    try:
+        assert model.offload_devices == backend_facts.offload_names()  # [] without a GPU, ["CUDA0"] with one
+        assert model.n_gpu_layers == 0 and model.fit is None  # no estimate when nothing is to be placed
+        assert model.offload_summary() == "CPU only"
+    finally:
+        model.close()
+
+
+def test_auto_load_summary_names_the_devices_present(model_path):
     model = LoadedModel(LoadOptions(model_path=model_path, n_ctx=512))
     try:
-        assert model.offload_devices == []  # this machine has no GPU
-        assert model.n_gpu_layers == 0 and model.fit is None
-        assert model.offload_summary() == "CPU only"
+        gpus = backend_facts.offload_names()
+        assert model.offload_devices == gpus
+        if not gpus:  # nothing to offload to: no estimate, and llama.cpp gets 0 whatever -ngl said
+            assert model.n_gpu_layers == 0 and model.fit is None
+            assert model.offload_summary() == "CPU only"
+        else:  # the estimate decides, and the summary says how much of it went where
+            assert model.fit is not None and model.n_gpu_layers == model.fit.n_gpu_layers
+            on = min(model.fit.n_gpu_layers, 31)
+            expected = f"{on}/31 layers on {', '.join(gpus)}" if on else "CPU only"
+            assert model.offload_summary() == expected
     finally:
         model.close()
 

@@ -8,7 +8,9 @@ import time
 
 import requests
 
-from ggufchat.engine import Engine, LoadOptions
+from ggufchat.engine import Engine, GenerationRequest, LoadOptions, SamplingParams
+from ggufchat.errors import EngineStopped
+from tests.conftest import wait_for
 from tests.server.conftest import metric, post, serve
 
 
@@ -21,6 +23,16 @@ def _factory(model_path, gate: threading.Event | None = None, loads: list | None
             loads.append(engine)
         return engine
     return load
+
+
+def _refuses_work(engine: Engine) -> bool:
+    """A closed engine turns every submission away with EngineStopped (greedy: nothing touches the
+    freed model before the refusal)."""
+    try:
+        engine.submit(GenerationRequest([1], SamplingParams.greedy(), max_tokens=1)).cancel()
+    except EngineStopped:
+        return True
+    return False
 
 
 def test_health_is_503_while_loading_and_requests_wait_for_the_model(model_path):
@@ -49,7 +61,7 @@ def test_idle_unload_frees_the_model_and_the_next_request_reloads_it(model_path)
         while requests.get(url + "/health", timeout=10).json()["status"] != "idle":
             assert time.monotonic() < deadline, "the model was never unloaded"
             time.sleep(0.1)
-        assert loads[0].scheduler._stopped.is_set()  # the engine really was closed
+        assert wait_for(lambda: _refuses_work(loads[0]))  # the engine really was closed
         assert metric(url, "ggufchat_model_loaded") == 0
         assert post(url, "/v1/completions", {"prompt": "Hello", "max_tokens": 3}).status_code == 200
         assert len(loads) == 2 and metric(url, "ggufchat_model_loads_total") == 2
