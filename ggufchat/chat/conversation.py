@@ -45,7 +45,12 @@ class TemplateConversation:
     def prompt_tokens(self) -> list[int]:
         return self.engine.chat_tokens(self._messages())
 
+    def prompt_text(self) -> str:
+        """The rendered prompt (to see whether the template opens <think> for the reply)."""
+        return self.engine.render_chat(self._messages())
+
     def add_reply(self, text: str, token_ids: list[int], finish: Finish) -> None:
+        # `text` is the answer alone: a reasoning model's thinking is not kept, as its template expects.
         self.history.append({"role": "assistant", "content": text})
 
     def undo_user(self) -> None:

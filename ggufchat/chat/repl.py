@@ -2,6 +2,10 @@
 
 Replies go to `out` (stdout); everything else (stats, notices) to `err`, so `chat -p ... > file` holds
 only the reply.
+
+A reasoning model's thinking (`<think>...</think>`, split off by the formats parser as the server splits
+it) streams dimmed before the answer, in the REPL on `out` and with -p on `err`; only the answer goes
+into the conversation, as reasoning models' chat templates expect.
 """
 
 from __future__ import annotations
@@ -11,12 +15,14 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TextIO
+from typing import Literal, TextIO
 
+from ggufchat import formats
 from ggufchat.chat.conversation import RawConversation, TemplateConversation
 from ggufchat.engine import Delta, Engine, GenerationRequest, SamplingParams
 from ggufchat.engine.types import Finish
 from ggufchat.errors import ContextOverflow
+from ggufchat.formats.events import Content, OutputEvent, Reasoning
 
 HELP = """Commands:
   /help           this help
@@ -42,6 +48,9 @@ class ChatConfig:
     color: bool = False
     context_shift: bool = False
     ignore_eos: bool = False
+    # deepseek: show a reasoning model's <think> text apart from the answer; none: print the raw text.
+    reasoning_format: Literal["deepseek", "none"] = "deepseek"
+    hide_thinking: bool = False  # print only "[thought for N tokens]" (stderr) instead of the thinking
 
 
 class Style:
@@ -65,36 +74,155 @@ def format_stats(finish: Finish) -> str:
             f"{u.completion_tokens} tokens at {u.decode_tokens_per_second:.1f} tokens/s, {finish.reason}]")
 
 
-def stream_tokens(engine: Engine, tokens: list[int], cfg: ChatConfig,
-                  out: TextIO) -> tuple[str, list[int], Finish]:
-    """Stream one reply to `out`. Ctrl-C stops the reply; the text so far is returned."""
+def output_format(engine: Engine, convo: Conversation, cfg: ChatConfig) -> formats.OutputFormat | None:
+    """How this turn's reply is read, as the server reads it: the thinking is split off when
+    --reasoning-format is deepseek and the chat template knows <think>; the reply starts inside the
+    thinking when the rendered prompt itself opens <think>. None: the raw text (raw mode has no template)."""
+    if cfg.reasoning_format != "deepseek" or not isinstance(convo, TemplateConversation) \
+            or "<think>" not in engine.template.source:
+        return None
+    return formats.OutputFormat(reasoning=True, in_reasoning=formats.opens_reasoning(convo.prompt_text()))
+
+
+class ReplyPrinter:
+    """One reply on the terminal as it streams in.
+
+    Without a format the text goes to `out` as it comes. With one, the parser splits the thinking from
+    the answer: the answer goes to `out`; the thinking goes to `thinking`, dimmed (without colour between
+    a "[thinking]" and a "[/thinking]" line), then a blank line, then the answer. With `hide` the thinking
+    is not printed; a dim "[thought for N tokens]" line goes to `err` instead. Leading and trailing blank
+    space around the thinking and at the start of the answer is not printed (models write "<think>\\n"
+    and "</think>\\n\\n").
+    """
+
+    def __init__(self, out: TextIO, style: Style, *, fmt: formats.OutputFormat | None = None,
+                 thinking: TextIO | None = None, err: TextIO | None = None, hide: bool = False) -> None:
+        self.out = out
+        self.style = style
+        self.parser = formats.OutputParser(fmt) if fmt is not None else None
+        self.thinking = thinking or out
+        self.err = err or sys.stderr
+        self.hide = hide
+        self.quiet = False  # after Ctrl-C: keep reading what is left, print nothing more of it
+        self.thinking_tokens = 0  # tokens of the reply before its answer began (the thinking and its tags)
+        self._answer: list[str] = []
+        self._seen_reasoning = False  # any thinking, blank included: the answer's leading blank space is dropped
+        self._thought = False  # thinking with something in it
+        self._answering = False
+        self._block_open = False  # a thinking block is on screen and not yet closed
+        self._held = ""  # the thinking's trailing blank space, printed only if more thinking follows
+        self._noted = False
+
+    @property
+    def answer(self) -> str:
+        """The reply without its thinking (the raw text when there is no format)."""
+        return "".join(self._answer)
+
+    def push(self, delta: Delta) -> None:
+        if self.parser is None:
+            self._answer.append(delta.text)
+            self._write(self.out, delta.text)
+            return
+        if not self._answering:
+            self.thinking_tokens += len(delta.token_ids)
+        if delta.text:
+            self._handle(self.parser.push(delta.text))
+
+    def finish(self) -> None:
+        """The reply ended (or was stopped): flush the parser and close an open thinking block."""
+        if self.parser is None:
+            return
+        self._handle(self.parser.finish())  # quiet after Ctrl-C: the rest of the text is not printed
+        self.quiet = False  # but the thinking block is closed (the colour reset, the closing line)
+        self._end_thinking(blank_line=False)
+
+    def _handle(self, events: list[OutputEvent]) -> None:
+        for event in events:
+            if isinstance(event, Reasoning):
+                self._on_thinking(event.text)
+            elif isinstance(event, Content):
+                self._on_answer(event.text)
+            # The terminal chat offers no tools, so no tool-call events come.
+
+    def _on_thinking(self, text: str) -> None:
+        self._seen_reasoning = True
+        if not self._block_open and not self._held:
+            text = text.lstrip()  # the start of a block: no leading blank lines
+        if not text:
+            return
+        self._thought = True
+        if self.hide:
+            return
+        if not self._block_open:
+            self._block_open = True
+            if not self.style.enabled:
+                self._write(self.thinking, "[thinking]\n")
+        text = self._held + text
+        body = text.rstrip()
+        self._held = text[len(body):]
+        if body:
+            self._write(self.thinking, self.style.dim(body))
+
+    def _on_answer(self, text: str) -> None:
+        if not self._answering:
+            if self._seen_reasoning:
+                text = text.lstrip()
+                if not text:
+                    return
+            if not self.quiet:  # after Ctrl-C, finish() closes the block
+                self._end_thinking(blank_line=True)
+            self._answering = True
+        self._answer.append(text)
+        self._write(self.out, text)
+
+    def _end_thinking(self, *, blank_line: bool) -> None:
+        if self._block_open:
+            self._block_open = False
+            self._held = ""
+            self._write(self.thinking, "\n" + ("" if self.style.enabled else "[/thinking]\n")
+                        + ("\n" if blank_line else ""))
+        elif self.hide and self._thought and not self._noted:
+            self._noted = True
+            self.out.flush()
+            print(self.style.dim(f"[thought for {self.thinking_tokens} tokens]"), file=self.err, flush=True)
+
+    def _write(self, stream: TextIO, text: str) -> None:
+        if text and not self.quiet:
+            stream.write(text)
+            stream.flush()
+
+
+def stream_tokens(engine: Engine, tokens: list[int], cfg: ChatConfig, printer: ReplyPrinter,
+                  ) -> tuple[str, list[int], Finish]:
+    """Stream one reply through `printer`. Ctrl-C stops the reply; the answer so far is returned."""
     stream = engine.submit(GenerationRequest(tokens, cfg.sampling, max_tokens=cfg.max_tokens, stop=cfg.stop,
                                              ignore_eos=cfg.ignore_eos))
-    parts: list[str] = []
     ids: list[int] = []
     try:
         for event in stream:
             if isinstance(event, Delta):
                 ids += event.token_ids
-                if event.text:
-                    parts.append(event.text)
-                    out.write(event.text)
-                    out.flush()
+                printer.push(event)
     except KeyboardInterrupt:
         stream.cancel()
+        printer.quiet = True
         for event in stream:  # drain to the Finish so the engine and the stream agree
             if isinstance(event, Delta):
                 ids += event.token_ids
-                parts.append(event.text)
+                printer.push(event)
+    printer.finish()
     assert stream.finish is not None
-    return "".join(parts), ids, stream.finish
+    return printer.answer, ids, stream.finish
 
 
 def one_shot(engine: Engine, prompt: str, cfg: ChatConfig, *, convo: Conversation | None = None,
              out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> Finish:
     convo = convo or TemplateConversation(engine, cfg.system)
     convo.add_user(prompt)
-    text, _, finish = stream_tokens(engine, convo.prompt_tokens(), cfg, out)
+    # stdout holds only the answer: the thinking goes to stderr.
+    printer = ReplyPrinter(out, Style(cfg.color), fmt=output_format(engine, convo, cfg), thinking=err, err=err,
+                           hide=cfg.hide_thinking)
+    text, _, finish = stream_tokens(engine, convo.prompt_tokens(), cfg, printer)
     if text and not text.endswith("\n"):
         out.write("\n")
     out.flush()
@@ -170,7 +298,9 @@ class Repl:
     def answer(self) -> None:
         while True:
             try:
-                text, ids, finish = stream_tokens(self.engine, self.convo.prompt_tokens(), self.cfg, self.out)
+                printer = ReplyPrinter(self.out, self.style, fmt=output_format(self.engine, self.convo, self.cfg),
+                                       err=self.err, hide=self.cfg.hide_thinking)
+                text, ids, finish = stream_tokens(self.engine, self.convo.prompt_tokens(), self.cfg, printer)
                 break
             except ContextOverflow as exc:
                 if self.cfg.context_shift and self.convo.drop_oldest_turn():

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 import typer
 
@@ -64,6 +64,13 @@ def chat(
     color: Annotated[bool | None, typer.Option("-co/-no-co", "--color/--no-color", help="Colour the prompt "
                                                   "(default: when stdout is a terminal; NO_COLOR turns it "
                                                   "off).", rich_help_panel=_CHAT, show_default=False)] = None,
+    reasoning_format: Annotated[Literal["deepseek", "none"], typer.Option(
+        "--reasoning-format", help="deepseek: a reasoning model's <think> text is shown dimmed, apart from the "
+        "answer, and left out of the conversation; none: the raw text, tags and all.",
+        rich_help_panel=_CHAT)] = "deepseek",
+    hide_thinking: Annotated[bool, typer.Option("--hide-thinking", help="Don't print a reasoning model's "
+                                                "thinking, only how many tokens it took (stderr).",
+                                                rich_help_panel=_CHAT)] = False,
     stats: Annotated[bool, typer.Option("--stats", help="Print token counts and speeds after each reply "
                                         "(stderr).", rich_help_panel=_CHAT)] = False,
     verbose: Annotated[bool, typer.Option("-v", "--verbose", help="Show llama.cpp's log.",
@@ -109,6 +116,8 @@ def chat(
         color=_use_color(color, load_settings()),
         context_shift=context_shift,
         ignore_eos=ignore_eos,
+        reasoning_format=reasoning_format,
+        hide_thinking=hide_thinking,
     )
     load = engine_flags.load_options()
     with Engine(load, **engine_flags.engine_kwargs()) as engine:

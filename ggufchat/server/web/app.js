@@ -20,7 +20,7 @@ const ui = {
 };
 
 const state = {
-  messages: [], // the conversation: {role: "user" | "assistant", content}
+  messages: [], // the conversation: {role: "user" | "assistant", content} (answers without their thinking)
   model: null,
   key: localStorage.getItem(KEY_STORE) || "",
   controller: null, // the running generation's AbortController
@@ -138,17 +138,41 @@ function copyButton(label, getText) {
   return button;
 }
 
-// An assistant reply being streamed: re-rendered at most once per frame.
+// An assistant reply being streamed: re-rendered at most once per frame. A reasoning model's thinking
+// (the deltas' reasoning_content) goes into a collapsed <details> above the answer, as plain text.
 class ReplyView {
   constructor() {
     Object.assign(this, addMessage("assistant", ""));
     this.text = "";
+    this.thinking = "";
+    this.details = null; // the thinking block, made when the first thinking arrives
     this.pending = false;
     this.bubble.classList.add("streaming");
   }
 
   append(delta) {
     this.text += delta;
+    this.schedule();
+  }
+
+  appendThinking(delta) {
+    if (!this.details) this.makeDetails();
+    this.thinking += delta;
+    this.schedule();
+  }
+
+  makeDetails() {
+    this.details = document.createElement("details");
+    this.details.className = "thinking streaming";
+    this.summary = document.createElement("summary");
+    this.summary.textContent = "Thinking…";
+    this.thinkingBody = document.createElement("div");
+    this.thinkingBody.className = "thinking-text";
+    this.details.append(this.summary, this.thinkingBody);
+    this.row.insertBefore(this.details, this.bubble);
+  }
+
+  schedule() {
     if (!this.pending) {
       this.pending = true;
       requestAnimationFrame(() => this.render());
@@ -157,13 +181,23 @@ class ReplyView {
 
   render() {
     this.pending = false;
+    // Model output: text, never HTML. Blank space around it (the model's "<think>\n") is left out.
+    if (this.details) this.thinkingBody.textContent = this.thinking.trim();
+    if (this.details && this.text) this.thoughtDone();
     this.bubble.innerHTML = renderMarkdown(this.text); // safe: renderMarkdown escapes the text first
     scrollToEnd(false);
   }
 
+  thoughtDone() {
+    this.details.classList.remove("streaming");
+    this.summary.textContent = "Thought";
+  }
+
   finish({ stopped, finishReason, usage, seconds }) {
     this.render();
+    if (this.details) this.thoughtDone();
     this.bubble.classList.remove("streaming");
+    this.bubble.hidden = !this.text; // only thinking came (cut at max tokens, or stopped)
     for (const pre of this.bubble.querySelectorAll("pre")) {
       const code = pre.querySelector("code");
       pre.append(copyButton("Copy", () => code.textContent));
@@ -234,9 +268,14 @@ async function send(text) {
       if (event.usage) usage = event.usage;
       const choice = event.choices && event.choices[0];
       if (!choice) continue;
-      if (choice.delta && choice.delta.content) {
+      const delta = choice.delta || {};
+      if (delta.reasoning_content) {
         if (tFirst === null) tFirst = performance.now();
-        view.append(choice.delta.content);
+        view.appendThinking(delta.reasoning_content);
+      }
+      if (delta.content) {
+        if (tFirst === null) tFirst = performance.now();
+        view.append(delta.content);
       }
       if (choice.finish_reason) finishReason = choice.finish_reason;
     }
@@ -248,7 +287,8 @@ async function send(text) {
   } finally {
     const stopped = controller.signal.aborted;
     state.controller = null;
-    if (view.text) {
+    if (view.text || view.thinking) {
+      // The answer alone goes back in the history: reasoning models' templates expect no thinking there.
       chat.push({ role: "assistant", content: view.text });
       const seconds = tFirst === null ? 0 : (performance.now() - tFirst) / 1000;
       view.finish({ stopped, finishReason, usage, seconds: seconds || (performance.now() - t0) / 1000 });
