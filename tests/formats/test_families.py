@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
 from ggufchat.formats import tool_family
@@ -30,10 +28,6 @@ def test_family_from_markers(source, family):
     assert tool_family(source) == family
 
 
-TEMPLATES = Path(__file__).resolve().parents[2] / ".build/llama.cpp/src/models/templates"
-
-
-@pytest.mark.skipif(not TEMPLATES.is_dir(), reason="llama.cpp's template collection is not vendored here")
 @pytest.mark.parametrize("name, family", [
     ("Qwen-Qwen2.5-7B-Instruct.jinja", "hermes"),
     ("NousResearch-Hermes-3-Llama-3.1-8B-tool_use.jinja", "hermes"),
@@ -47,5 +41,5 @@ TEMPLATES = Path(__file__).resolve().parents[2] / ".build/llama.cpp/src/models/t
     ("google-gemma-2-2b-it.jinja", "generic"),
     ("deepseek-ai-DeepSeek-R1-Distill-Qwen-32B.jinja", "generic"),
 ])
-def test_family_of_real_templates(name, family):
-    assert tool_family((TEMPLATES / name).read_text()) == family
+def test_family_of_real_templates(llama_templates, name, family):
+    assert tool_family((llama_templates / name).read_text()) == family
