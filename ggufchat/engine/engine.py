@@ -14,6 +14,7 @@ from typing import Any
 
 from ggufchat.engine import grammar as gbnf
 from ggufchat.engine.loader import LoadedModel, LoadOptions
+from ggufchat.engine.logprobs import MAX_TOP
 from ggufchat.engine.sampling import Sampler, make_sampler
 from ggufchat.engine.scheduler import LoopEmitter, Scheduler, Sequence
 from ggufchat.engine.templates import ChatTemplate, Segment
@@ -22,6 +23,9 @@ from ggufchat.engine.types import Delta, EngineStats, Event, Finish, GenerationR
 from ggufchat.errors import ContextOverflow, InvalidParameter, TemplateError
 
 log = logging.getLogger(__name__)
+
+# Variables the engine sets on every render; a request's template_kwargs may not replace them.
+_TEMPLATE_OWN = frozenset({"messages", "add_generation_prompt", "bos_token", "eos_token"})
 
 
 class Stream:
@@ -216,20 +220,46 @@ class Engine:
         naming `param`."""
         return self.tokenizer.detokenize(tokens, param)
 
-    def render_chat(self, messages: list[dict[str, Any]], *, add_generation_prompt: bool = True) -> str:
-        return "".join(s.text for s in self._segments(messages, add_generation_prompt))
+    def token_pieces(self, ids: list[int], *, special: bool = False) -> list[bytes]:
+        """Each token's raw bytes (OpenAI's logprobs `bytes` and `token`): a piece may be part of a
+        character. Control tokens (end-of-turn, ...) give b'' as in the generated text, or their text
+        with `special`. Ids from anywhere: one outside the vocabulary is an InvalidParameter."""
+        tok = self.tokenizer
+        tok.check_ids(ids, "tokens")
+        if special:
+            pieces = tok.special_pieces()
+            return [pieces[t] for t in ids]
+        return [tok.piece(t) for t in ids]
 
-    def chat_tokens(self, messages: list[dict[str, Any]], *, add_generation_prompt: bool = True) -> list[int]:
-        """Template text is tokenized with special tokens parsed; message content never is."""
+    def render_chat(self, messages: list[dict[str, Any]], *, add_generation_prompt: bool = True,
+                    tools: list[dict[str, Any]] | None = None, template_kwargs: dict[str, Any] | None = None) -> str:
+        return "".join(s.text for s in self._segments(messages, add_generation_prompt, tools, template_kwargs))
+
+    def chat_tokens(self, messages: list[dict[str, Any]], *, add_generation_prompt: bool = True,
+                    tools: list[dict[str, Any]] | None = None,
+                    template_kwargs: dict[str, Any] | None = None) -> list[int]:
+        """Template text is tokenized with special tokens parsed; message content never is.
+
+        `tools` reaches the template as its `tools` variable (undefined when None, as before);
+        `template_kwargs` are further template variables (a request's chat_template_kwargs)."""
         tokens: list[int] = []
         if self.tokenizer.add_bos:
             tokens.append(self.tokenizer.bos)
-        for seg in self._segments(messages, add_generation_prompt):
+        for seg in self._segments(messages, add_generation_prompt, tools, template_kwargs):
             tokens += self.tokenizer.tokenize(seg.text, add_special=False, parse_special=not seg.is_content)
         return tokens
 
-    def _segments(self, messages: list[dict[str, Any]], add_generation_prompt: bool) -> list[Segment]:
-        segments = self.template.render_segments(messages, add_generation_prompt=add_generation_prompt)
+    def _segments(self, messages: list[dict[str, Any]], add_generation_prompt: bool,
+                  tools: list[dict[str, Any]] | None = None,
+                  template_kwargs: dict[str, Any] | None = None) -> list[Segment]:
+        extra = dict(template_kwargs or {})
+        clash = sorted(k for k in extra if not isinstance(k, str) or k in _TEMPLATE_OWN)
+        if clash:
+            raise InvalidParameter(f"chat template variables cannot be set by a request: {clash}",
+                                   param="chat_template_kwargs")
+        if tools is not None:
+            extra["tools"] = tools
+        segments = self.template.render_segments(messages, add_generation_prompt=add_generation_prompt, **extra)
         bos = self.template.bos_token
         # The tokenizer adds BOS itself when the model asks for it; don't let the template add a second.
         if self.tokenizer.add_bos and bos and segments and not segments[0].is_content \
@@ -241,15 +271,27 @@ class Engine:
     def _check(self, request: GenerationRequest) -> None:
         if not request.prompt_tokens:
             raise InvalidParameter("the prompt is empty", param="prompt")
-        if request.max_tokens is not None and request.max_tokens < 1:
-            raise InvalidParameter("max_tokens must be at least 1", param="max_tokens")
-        request.sampling.validate()
-        # Leave room for at least one generated token.
-        if len(request.prompt_tokens) >= self.n_ctx_seq:
+        if request.max_tokens is not None and request.max_tokens < 0:
+            raise InvalidParameter("max_tokens must be at least 0", param="max_tokens")
+        for name in ("logprobs", "prompt_logprobs"):
+            n = getattr(request, name)
+            if n is not None and not 0 <= n <= MAX_TOP:
+                raise InvalidParameter(f"{name} must be between 0 and {MAX_TOP}, not {n!r}", param=name)
+        sampling = request.sampling
+        sampling.validate()
+        # Leave room for at least one generated token, unless none is asked for.
+        room = self.n_ctx_seq if request.max_tokens == 0 else self.n_ctx_seq - 1
+        if len(request.prompt_tokens) > room:
             raise ContextOverflow(len(request.prompt_tokens), self.n_ctx_seq)
         self.tokenizer.check_ids(request.prompt_tokens, "prompt")
-        if request.sampling.grammar is not None:
-            gbnf.check(request.sampling.grammar, self.grammar_limits)
+        if sampling.grammar is not None:
+            try:
+                gbnf.check(sampling.grammar, self.grammar_limits)
+            except InvalidParameter as exc:
+                if exc.param == sampling.grammar_param:
+                    raise
+                message = str(exc).replace(f"this {gbnf.PARAM}", f"this request's {sampling.grammar_param}")
+                raise InvalidParameter(message, param=sampling.grammar_param, hint=exc.hint) from exc
 
     def prepare(self, request: GenerationRequest) -> Prepared:
         """Check a request and build its sampler (any thread; a grammar can take a while to compile)."""
@@ -262,6 +304,7 @@ class Engine:
             banned_tokens=self.tokenizer.eog_tokens() if request.ignore_eos else None,
             vocab=self.model.vocab,
             history=request.prompt_tokens,
+            tokenizer=self.tokenizer,
         )
         return Prepared(request, sampler)
 

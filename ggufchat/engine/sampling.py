@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import ctypes
 import dataclasses
 import math
@@ -26,6 +27,11 @@ class SamplingParams:
     presence_penalty: float = 0.0
     seed: int | None = None  # None = the engine's --seed, else random
     grammar: str | None = None  # GBNF the output must match (root rule "root"), e.g. from a JSON schema
+    # With `grammar`: the grammar is lazy. The output is free until one of these strings appears in it;
+    # from the start of that string on it must match the grammar (so the grammar begins with the
+    # trigger text). Tool calls: free text, then `<tool_call>{...}` under the tools' grammar.
+    grammar_triggers: list[str] | None = None
+    grammar_param: str = "response_format"  # the request field a bad grammar is blamed on ("tools", ...)
 
     @classmethod
     def greedy(cls) -> SamplingParams:
@@ -46,6 +52,20 @@ class SamplingParams:
         for ok, name, rule in checks:
             if not ok:
                 raise InvalidParameter(f"{name} must be {rule}, not {getattr(self, name)!r}", param=name)
+        if self.grammar_triggers is not None:
+            self._validate_triggers(self.grammar_triggers)
+
+    def _validate_triggers(self, triggers: list[str]) -> None:
+        param = self.grammar_param
+        if self.grammar is None:
+            raise InvalidParameter("grammar triggers need a grammar", param=param)
+        if not triggers or len(triggers) > MAX_TRIGGERS:
+            raise InvalidParameter(f"a lazy grammar needs 1 to {MAX_TRIGGERS} triggers", param=param)
+        for trigger in triggers:
+            if not isinstance(trigger, str) or not trigger or "\0" in trigger \
+                    or len(encode_text(trigger)) > MAX_TRIGGER_BYTES:
+                raise InvalidParameter(f"a grammar trigger must be a non-empty string of at most "
+                                       f"{MAX_TRIGGER_BYTES} bytes without NUL, not {trigger!r:.80}", param=param)
 
     @property
     def needs_chain(self) -> bool:
@@ -54,6 +74,10 @@ class SamplingParams:
     @property
     def has_penalties(self) -> bool:
         return self.repeat_penalty != 1.0 or self.frequency_penalty != 0.0 or self.presence_penalty != 0.0
+
+
+MAX_TRIGGERS = 32
+MAX_TRIGGER_BYTES = 256
 
 
 class Sampler:
@@ -110,6 +134,18 @@ class LogitsRows:
         return view
 
 
+def logits_block(ctx, batch_index: int, count: int, n_vocab: int) -> np.ndarray:
+    """The logits rows of `count` consecutive batch tokens that all asked for logits, from
+    `batch_index` on, as one [count, n_vocab] view (valid until the next decode). Reading a row puts
+    llama.cpp's outputs back in batch order first (output_reorder), so those rows lie one after the
+    other from the first one's address."""
+    addr = _logits_ith(ctx, batch_index)
+    if not addr:
+        raise RuntimeError(f"llama.cpp has no logits for batch index {batch_index}")
+    block = (ctypes.c_float * (count * n_vocab)).from_address(addr)
+    return np.frombuffer(block, dtype=np.float32).reshape(count, n_vocab)
+
+
 class ArgmaxSampler(Sampler):
     """Plain greedy decoding, straight off the logits: llama.cpp's greedy chain first copies the whole
     vocabulary into a candidate array (~110 us a token here), an argmax over the row takes ~15 us.
@@ -151,21 +187,24 @@ class GrammarSampler(Sampler):
         self.all = llama_cpp.llama_token_data_array(self.cand.ctypes.data_as(ptr), n_vocab, -1, False)
         self.single = llama_cpp.llama_token_data_array(self.one.ctypes.data_as(ptr), 1, -1, False)
 
-    def _pick(self, logits: np.ndarray, *, constrained: bool) -> int:
+    def _pick(self, logits: np.ndarray, *, constrained: bool, exclude: list[int] | None = None) -> int:
         cand, arr = self.cand, self.all
         cand["id"] = self.ids
         cand["logit"] = logits
         cand["p"] = 0.0
+        if exclude:
+            cand["logit"][exclude] = -np.inf
         arr.size, arr.selected, arr.sorted = len(cand), -1, False
         if constrained:
             llama_cpp.llama_sampler_apply(self.grammar, ctypes.byref(arr))
         llama_cpp.llama_sampler_apply(self.chain, ctypes.byref(arr))
         return arr.data[arr.selected].id  # through the pointer: a sampler may have moved the data
 
-    def _allowed(self, token: int) -> bool:
+    def _allowed(self, token: int, grammar=None) -> bool:
+        """Whether `grammar` (default: ours) accepts `token` next; never changes the grammar's state."""
         self.one[0] = (token, 1.0, 0.0)
         self.single.size, self.single.selected, self.single.sorted = 1, -1, False
-        llama_cpp.llama_sampler_apply(self.grammar, ctypes.byref(self.single))
+        llama_cpp.llama_sampler_apply(grammar or self.grammar, ctypes.byref(self.single))
         return bool(np.isfinite(self.one["logit"][0]))
 
     def sample(self, ctx, batch_index: int) -> int:
@@ -185,30 +224,165 @@ class GrammarSampler(Sampler):
                 setattr(self, name, None)
 
 
+# std::regex (ECMAScript) metacharacters: a trigger string is matched literally.
+_REGEX_SPECIAL = frozenset(".^$|()*+?[]{}\\")
+
+
+def trigger_pattern(trigger: str) -> bytes:
+    """The regex llama.cpp's lazy grammar is given for a literal trigger string."""
+    return encode_text("".join("\\" + c if c in _REGEX_SPECIAL else c for c in trigger))
+
+
+class LazyGrammarSampler(GrammarSampler):
+    """A grammar that applies only once a trigger string appears in the output (llama.cpp's lazy grammar,
+    `llama_sampler_init_grammar_lazy_patterns`), checked after sampling like GrammarSampler.
+
+    A lazy llama.cpp grammar appends every accepted token's text to a buffer and regex-searches the
+    whole buffer for the triggers; on a match it feeds the grammar everything from the trigger's start
+    to the end of that token. Two things are wrong with feeding it every token:
+    - the search is over the whole output so far, at every token: ~50 us more per token for every 1000
+      tokens of output (measured), quadratic, on the engine thread that all sequences share;
+    - if the grammar refuses the text after the trigger, llama.cpp throws a C++ exception through its C
+      API, and the process aborts.
+    So the triggers are looked for here, in the last bytes of the output only (a match that is new at
+    this token ends inside it), with the same rules: literal patterns, tried in order, leftmost match,
+    on the same special-token pieces. Before a token that completes a trigger is accepted, the text it
+    would feed is checked on a clone of the grammar in its start state (one token at a time, with apply,
+    which never throws); a token the grammar would refuse is masked and the token picked again. Only
+    then does the llama.cpp grammar see any output: the few tokens that hold the trigger, so that its
+    own match, at the same place, switches it on and feeds it the same text."""
+
+    def __init__(self, grammar, chain, n_vocab: int, *, probe, triggers: list[str], tokenizer) -> None:
+        super().__init__(grammar, chain, n_vocab)
+        self.probe = probe  # the same grammar, not lazy, never advanced: cloned for every check
+        self.triggers = [encode_text(t) for t in triggers]
+        self.reach = max(len(t) for t in self.triggers) - 1  # how far back a new match can start
+        self.tokenizer = tokenizer
+        self.pieces = tokenizer.special_pieces()
+        self.tail = b""  # the last `reach` bytes of the output
+        self.recent: collections.deque[int] = collections.deque()  # the tokens that hold `tail`
+        self.recent_bytes = 0
+        self.waiting = True
+
+    def accepts(self, text: bytes) -> bool:
+        """Whether the grammar, from its start, accepts `text` as (a prefix of) its language."""
+        ids = self.tokenizer.spell(text)
+        if ids is None:
+            return False
+        clone = llama_cpp.llama_sampler_clone(self.probe)
+        try:
+            for tok in ids:
+                if not self._allowed(tok, clone):
+                    return False
+                llama_cpp.llama_sampler_accept(clone, tok)
+            return True
+        finally:
+            llama_cpp.llama_sampler_free(clone)
+
+    def _trigger_text(self, token: int) -> bytes | None:
+        """The text the grammar would be fed if `token` were accepted now, or None when it would keep
+        waiting."""
+        window = self.tail + self.pieces[token]
+        for trigger in self.triggers:
+            at = window.find(trigger)
+            if at >= 0:
+                return window[at:]
+        return None
+
+    def _remember(self, token: int) -> None:
+        piece = self.pieces[token]
+        self.recent.append(token)
+        self.recent_bytes += len(piece)
+        while self.recent and self.recent_bytes - len(self.pieces[self.recent[0]]) >= self.reach:
+            self.recent_bytes -= len(self.pieces[self.recent.popleft()])
+        self.tail = (self.tail + piece)[-self.reach:] if self.reach else b""
+
+    def sample(self, ctx, batch_index: int) -> int:
+        if not self.waiting:
+            return super().sample(ctx, batch_index)
+        logits = self.rows.row(ctx, batch_index)
+        refused: list[int] = []
+        while True:  # ends: a token that completes no trigger is always left
+            token = self._pick(logits, constrained=False, exclude=refused)
+            fed = self._trigger_text(token)
+            if fed is None or self.accepts(fed):
+                break
+            refused.append(token)
+        llama_cpp.llama_sampler_accept(self.chain, token)
+        if fed is None:
+            self._remember(token)
+        else:
+            for tok in self.recent:
+                llama_cpp.llama_sampler_accept(self.grammar, tok)
+            llama_cpp.llama_sampler_accept(self.grammar, token)
+            self.waiting = False
+            self.recent.clear()
+        return token
+
+    def free(self) -> None:
+        super().free()
+        if self.probe is not None:
+            llama_cpp.llama_sampler_free(self.probe)
+            self.probe = None
+
+
 def make_sampler(params: SamplingParams, *, n_vocab: int, n_ctx_seq: int, default_seed: int | None,
-                 banned_tokens: list[int] | None = None, vocab=None, history: list[int] | None = None) -> Sampler:
-    """`history`: tokens already in the sequence (the prompt), which the penalties look back on."""
+                 banned_tokens: list[int] | None = None, vocab=None, history: list[int] | None = None,
+                 tokenizer=None) -> Sampler:
+    """`history`: tokens already in the sequence (the prompt), which the penalties look back on.
+    `tokenizer` (a tokens.Tokenizer): needed for a lazy grammar (grammar_triggers)."""
     if not params.needs_chain:
         return ArgmaxSampler(n_vocab, banned_tokens)
     if params.grammar is None:
         return ChainSampler(build_chain(params, n_vocab=n_vocab, n_ctx_seq=n_ctx_seq, default_seed=default_seed,
                                         banned_tokens=banned_tokens, vocab=vocab, history=history))
-    grammar = grammar_sampler(vocab, params.grammar)
+    if params.grammar_triggers and tokenizer is None:
+        raise ValueError("a lazy grammar needs the tokenizer")
+    owned = []  # freed if anything below fails
     try:
-        unconstrained = dataclasses.replace(params, grammar=None)
-        chain = build_chain(unconstrained, n_vocab=n_vocab, n_ctx_seq=n_ctx_seq, default_seed=default_seed,
-                            banned_tokens=banned_tokens, vocab=vocab, history=history)
+        owned.append(grammar_sampler(vocab, params.grammar, params.grammar_param))  # or a lazy one's probe
+        if params.grammar_triggers:
+            owned.append(lazy_grammar_sampler(vocab, params.grammar, params.grammar_triggers, params.grammar_param))
+        unconstrained = dataclasses.replace(params, grammar=None, grammar_triggers=None)
+        owned.append(build_chain(unconstrained, n_vocab=n_vocab, n_ctx_seq=n_ctx_seq, default_seed=default_seed,
+                                 banned_tokens=banned_tokens, vocab=vocab, history=history))
+        if not params.grammar_triggers:
+            grammar, chain = owned
+            return GrammarSampler(grammar, chain, n_vocab)
+        probe, grammar, chain = owned
+        sampler = LazyGrammarSampler(grammar, chain, n_vocab, probe=probe, triggers=params.grammar_triggers,
+                                     tokenizer=tokenizer)
     except BaseException:
-        llama_cpp.llama_sampler_free(grammar)
+        for smpl in owned:
+            llama_cpp.llama_sampler_free(smpl)
         raise
-    return GrammarSampler(grammar, chain, n_vocab)
+    # A grammar that does not start with its trigger could never be switched on: say so now.
+    for trigger in params.grammar_triggers:
+        if not sampler.accepts(encode_text(trigger)):
+            sampler.free()
+            raise InvalidParameter(f"the grammar must match from its trigger on, and it refuses {trigger!r:.80}",
+                                   param=params.grammar_param)
+    return sampler
 
 
-def grammar_sampler(vocab, grammar: str):
-    """A llama.cpp grammar sampler, or InvalidParameter when llama.cpp cannot parse the grammar."""
+def grammar_sampler(vocab, grammar: str, param: str = "response_format"):
+    """A llama.cpp grammar sampler, or InvalidParameter (naming `param`) when llama.cpp cannot parse the
+    grammar."""
     smpl = llama_cpp.llama_sampler_init_grammar(vocab, encode_text(grammar), b"root")
     if not smpl:
-        raise InvalidParameter("the grammar could not be parsed", param="response_format")
+        raise InvalidParameter("the grammar could not be parsed", param=param)
+    return smpl
+
+
+def lazy_grammar_sampler(vocab, grammar: str, triggers: list[str], param: str = "response_format"):
+    """A lazy llama.cpp grammar sampler that waits for one of the literal `triggers` (see
+    LazyGrammarSampler before using it outside one: accepting a token it refuses aborts the process)."""
+    patterns = [trigger_pattern(t) for t in triggers]
+    array = (ctypes.c_char_p * len(patterns))(*patterns)
+    smpl = llama_cpp.llama_sampler_init_grammar_lazy_patterns(
+        vocab, encode_text(grammar), b"root", array, len(patterns), None, 0)
+    if not smpl:
+        raise InvalidParameter("the grammar could not be parsed", param=param)
     return smpl
 
 
@@ -236,8 +410,8 @@ def build_chain(params: SamplingParams, *, n_vocab: int, n_ctx_seq: int, default
         # (the grammar above all) must see generated tokens only.
         for tok in history or ():
             llama_cpp.llama_sampler_accept(chain, tok)
-    if params.grammar is not None:
-        add(chain, grammar_sampler(vocab, params.grammar))
+    if params.grammar is not None:  # applied at every step; grammar_triggers are make_sampler's
+        add(chain, grammar_sampler(vocab, params.grammar, params.grammar_param))
     if params.temperature <= 0:
         add(chain, llama_cpp.llama_sampler_init_greedy())
         return chain

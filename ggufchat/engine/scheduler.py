@@ -22,7 +22,8 @@ from dataclasses import dataclass, field
 import llama_cpp
 
 from ggufchat.engine.loader import LoadedModel
-from ggufchat.engine.sampling import Sampler
+from ggufchat.engine.logprobs import next_token_logprobs, token_logprob
+from ggufchat.engine.sampling import LogitsRows, Sampler, logits_block
 from ggufchat.engine.stops import StopMatcher
 from ggufchat.engine.tokens import Detokenizer, Tokenizer
 from ggufchat.engine.types import Delta, Event, Finish, GenerationRequest, Usage
@@ -48,6 +49,12 @@ _HANDOFF_WAIT = 0.003
 # reusing a cached prefix is worth splitting the batch only when it is long (the next turn of a long
 # conversation), not for a shared system prompt. See docs/benchmarks.md (slots and ubatches).
 FRAGMENT_TOKENS = 256
+
+# The most prompt tokens of a prompt_logprobs request decoded in one step. Each asks llama.cpp for a
+# logits row, and llama.cpp grows its output buffer to the most rows one batch ever asked for and keeps
+# it: 256 rows are 50 MB for a 49k vocabulary, 155 MB for a 151k one. Per row, reading the log-softmax
+# costs ~0.1 ms here, so one step's chunk holds the other sequences up ~25 ms at most.
+PROMPT_LOGITS_CHUNK = 256
 
 
 def handoff_wait(decode_threads: int, cpus: int) -> float:
@@ -99,6 +106,9 @@ class Sequence:
     fed: int = 0  # tokens this sequence put in the current batch
     batch_index: int = -1  # where its logits are in the current batch, -1 for none
     unsent: list[int] = field(default_factory=list)  # token ids whose text is not emitted yet
+    unsent_logprobs: list | None = None  # TokenLogprob of each id in `unsent`, if the request wants them
+    prompt_logprobs: list | None = None  # collected chunk by chunk until the prompt is decoded, if wanted
+    chunk_index: int = -1  # batch index of the first token of a prompt chunk that outputs every row
 
 
 def common_prefix(a: list[int], b: list[int]) -> int:
@@ -135,6 +145,8 @@ class Scheduler:
         self.handoff_wait = handoff_wait(decode_threads, available_cpus())
         self.steps = 0
         self.decode_seconds = 0.0  # time inside llama_decode: the rest of a step is our own overhead
+        self.n_vocab = tokenizer.n_vocab
+        self.rows = LogitsRows(tokenizer.n_vocab)  # logits rows for logprobs
 
     # Called from any thread.
     def submit(self, seq: Sequence) -> None:
@@ -241,7 +253,10 @@ class Scheduler:
             if not free:
                 return
             seq = self._waiting.popleft()
-            self._bind(seq, self._pick_slot(free, seq.request.prompt_tokens))
+            # A prompt_logprobs request decodes its whole prompt, whatever a slot holds: so take the slot
+            # whose cache is worth least to others.
+            prompt = [] if seq.request.prompt_logprobs is not None else seq.request.prompt_tokens
+            self._bind(seq, self._pick_slot(free, prompt))
 
     def _pick_slot(self, free: list[Slot], prompt: list[int]) -> Slot:
         """The free slot whose cached tokens save the most prefill, counting a slot that splits the busy
@@ -262,9 +277,15 @@ class Scheduler:
 
     def _bind(self, seq: Sequence, slot: Slot) -> None:
         prompt = seq.request.prompt_tokens
+        req = seq.request
         keep = common_prefix(slot.tokens, prompt)
         if keep == len(prompt):
             keep -= 1  # the last prompt token must be decoded again to get its logits
+        if req.prompt_logprobs is not None:
+            keep = 0  # every position's logits are needed, and cached KV has none
+            seq.prompt_logprobs = [None]  # the first token has no context
+        if req.logprobs is not None:
+            seq.unsent_logprobs = []
         mem = self.model.memory
         if not llama_cpp.llama_memory_seq_rm(mem, slot.seq_id, keep, -1):
             # Some caches (recurrent, sliding-window) cannot drop a tail; start the sequence over.
@@ -276,7 +297,6 @@ class Scheduler:
         seq.pending = list(prompt[keep:])
         seq.usage.cached_tokens = keep
         seq.usage.t_start = time.perf_counter()
-        req = seq.request
         seq.detok = Detokenizer(self.tokenizer)
         seq.stops = StopMatcher(req.stop)
         # Keep the batch in sequence-id order: llama.cpp decodes a batch whose sequence ids are out of
@@ -299,8 +319,13 @@ class Scheduler:
             budget = min(self.n_batch - n, budget_cap)
             if budget <= 0:
                 break
-            chunk = seq.pending[:budget]
-            n = self._add(batch, n, seq, chunk, logits_last=len(chunk) == len(seq.pending))
+            if seq.prompt_logprobs is not None:
+                chunk = seq.pending[:min(budget, PROMPT_LOGITS_CHUNK)]
+                seq.chunk_index = n
+                n = self._add_all(batch, n, seq, chunk, last=len(chunk) == len(seq.pending))
+            else:
+                chunk = seq.pending[:budget]
+                n = self._add(batch, n, seq, chunk, logits_last=len(chunk) == len(seq.pending))
             budget_cap -= len(chunk)
         if n == 0:
             return
@@ -312,17 +337,45 @@ class Scheduler:
         if status != 0:
             self._decode_failed(status)
             return
+        prompt_only = []
         for seq in self._active:
             if seq.fed:
                 if seq.next_token is not None:
                     seq.slot.tokens.append(seq.next_token)
                     seq.next_token = None
                 else:
+                    if seq.prompt_logprobs is not None:
+                        self._read_prompt_logprobs(seq)
                     seq.slot.tokens.extend(seq.pending[: seq.fed])
                     del seq.pending[: seq.fed]
+                    if not seq.pending and self._prompt_decoded(seq):
+                        prompt_only.append(seq)
+        for seq in prompt_only:
+            self._finish(seq, "length")
         for seq in list(self._active):
             if seq.batch_index >= 0:
                 self._sample(seq)
+
+    def _read_prompt_logprobs(self, seq: Sequence) -> None:
+        """The logprobs of the prompt tokens that follow this step's chunk positions: row j of the chunk
+        predicts the token after it."""
+        start = len(seq.slot.tokens)  # the chunk's first position (a prompt_logprobs prompt starts at 0)
+        prompt = seq.request.prompt_tokens
+        following = prompt[start + 1: start + seq.fed + 1]
+        if following:
+            rows = logits_block(self.model.ctx, seq.chunk_index, len(following), self.n_vocab)
+            seq.prompt_logprobs += next_token_logprobs(rows, following, seq.request.prompt_logprobs)
+
+    def _prompt_decoded(self, seq: Sequence) -> bool:
+        """The prompt's last chunk is decoded: deliver its logprobs, before any generated token. True when
+        the request wants no token (max_tokens 0): it is done."""
+        if seq.prompt_logprobs is not None:
+            self._emit(seq, Delta("", [], prompt_logprobs=seq.prompt_logprobs))
+            seq.prompt_logprobs = None
+        if seq.request.max_tokens == 0:
+            seq.batch_index = -1
+            return True
+        return False
 
     def _add(self, batch, n: int, seq: Sequence, tokens: list[int], logits_last: bool) -> int:
         pos = len(seq.slot.tokens)
@@ -340,7 +393,27 @@ class Scheduler:
             seq.batch_index = n - 1
         return n
 
+    def _add_all(self, batch, n: int, seq: Sequence, tokens: list[int], last: bool) -> int:
+        """Like _add, asking for the logits of every token (prompt logprobs)."""
+        pos = len(seq.slot.tokens)
+        sid = seq.slot.seq_id
+        for j, tok in enumerate(tokens):
+            batch.token[n] = tok
+            batch.pos[n] = pos + j
+            batch.n_seq_id[n] = 1
+            batch.seq_id[n][0] = sid
+            batch.logits[n] = True
+            n += 1
+        seq.fed = len(tokens)
+        if last:
+            seq.batch_index = n - 1
+        return n
+
     def _sample(self, seq: Sequence) -> None:
+        logprobs = seq.unsent_logprobs
+        if logprobs is not None:
+            # Read before the sampler runs: greedy writes -inf into the row for banned tokens.
+            raw = self.rows.row(self.model.ctx, seq.batch_index).copy()
         tok = seq.sampler.sample(self.model.ctx, seq.batch_index)
         now = time.perf_counter()
         usage = seq.usage
@@ -352,10 +425,14 @@ class Scheduler:
             self._finish(seq, "stop", eog_token=tok)
             return
         seq.unsent.append(tok)
+        if logprobs is not None:
+            logprobs.append(token_logprob(raw, tok, req.logprobs))
         text, hit = seq.stops.push(seq.detok.push(tok))
         if text:
-            self._emit(seq, Delta(text, seq.unsent))
+            self._emit(seq, Delta(text, seq.unsent, logprobs))
             seq.unsent = []
+            if logprobs is not None:
+                seq.unsent_logprobs = []
         if hit:
             self._finish(seq, "stop", flush=False)
         elif req.max_tokens is not None and usage.completion_tokens >= req.max_tokens:
@@ -382,7 +459,7 @@ class Scheduler:
         if flush and reason != "cancelled" and seq.detok is not None:
             tail = seq.stops.push(seq.detok.flush())[0] + seq.stops.flush()
             if tail or seq.unsent:
-                self._emit(seq, Delta(tail, seq.unsent))
+                self._emit(seq, Delta(tail, seq.unsent, seq.unsent_logprobs))
         seq.usage.t_end = time.perf_counter()
         self._emit(seq, Finish(reason, seq.usage, error, eog_token))
         seq.sampler.free()  # idempotent

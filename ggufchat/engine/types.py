@@ -16,9 +16,17 @@ class GenerationRequest:
 
     prompt_tokens: list[int]
     sampling: SamplingParams = field(default_factory=SamplingParams)
-    max_tokens: int | None = None  # None: until end-of-generation or the sequence's context is full
+    # None: until end-of-generation or the sequence's context is full. 0: decode the prompt only (for
+    # prompt_logprobs) and finish with reason "length", no token sampled.
+    max_tokens: int | None = None
     stop: list[str] = field(default_factory=list)
     ignore_eos: bool = False  # benchmarks: keep generating through end-of-generation tokens
+    # The logprob of each generated token and this many top alternatives (0..20); None: none computed.
+    logprobs: int | None = None
+    # The logprob of each prompt token given the ones before it, with this many top alternatives (0..20),
+    # as lm-evaluation-harness's loglikelihood needs; delivered on one Delta before any generated token.
+    # Such a request decodes its whole prompt: a cached prefix has KV but no logits to read.
+    prompt_logprobs: int | None = None
     id: int = field(default_factory=lambda: next(_ids))
 
 
@@ -43,11 +51,28 @@ class Usage:
 
 
 @dataclass
+class TokenLogprob:
+    """A token's log-probability under the model (log-softmax of the raw logits: before temperature,
+    penalties, grammar or banned tokens, as OpenAI reports them) and the `top` most likely tokens at
+    that position as (id, logprob), best first."""
+
+    token: int
+    logprob: float
+    top: list[tuple[int, float]] = field(default_factory=list)
+
+
+@dataclass
 class Delta:
-    """New text of a sequence, and the ids of the tokens that produced it."""
+    """New text of a sequence, and the ids of the tokens that produced it.
+
+    `logprobs` (requests that ask for them): one entry per id in `token_ids`, in the same order.
+    `prompt_logprobs` (requests that ask for them): one entry per prompt token, None for the first (it has
+    no context); sent once, on a Delta with no text and no tokens, before any generated token."""
 
     text: str
     token_ids: list[int]
+    logprobs: list[TokenLogprob] | None = None
+    prompt_logprobs: list[TokenLogprob | None] | None = None
 
 
 @dataclass

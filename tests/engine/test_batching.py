@@ -160,7 +160,7 @@ def test_generation_stops_when_the_sequence_context_is_full(engine: Engine):
 
 
 @pytest.mark.parametrize("bad", [
-    {"max_tokens": 0}, {"sampling": SamplingParams(temperature=-1)}, {"sampling": SamplingParams(top_p=2)},
+    {"max_tokens": -1}, {"sampling": SamplingParams(temperature=-1)}, {"sampling": SamplingParams(top_p=2)},
     {"prompt_tokens": []}, {"prompt_tokens": [10**9]},
 ])
 def test_bad_requests_are_refused(engine: Engine, bad: dict):
