@@ -6,7 +6,7 @@ import logging
 import socket
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 import typer
 
@@ -48,6 +48,9 @@ def serve(
                                           **_env("MAX_BODY"))] = 4 << 20,
     max_messages: Annotated[int, typer.Option("--max-messages", help="Chat messages in one request.",
                                               **_env("MAX_MESSAGES"))] = 2048,
+    reasoning_format: Annotated[Literal["deepseek", "none"], typer.Option(
+        "--reasoning-format", help="deepseek: a reasoning model's <think> text goes to reasoning_content, "
+        "apart from the answer; none: it stays in content, tags and all.", **_env("REASONING_FORMAT"))] = "deepseek",
     max_grammar_bytes: Annotated[int, typer.Option("--max-grammar-bytes", help="Largest grammar a "
                                                    "response_format may compile to, in bytes of GBNF.",
                                                    **_env("MAX_GRAMMAR_BYTES"))] = GrammarLimits.max_bytes,
@@ -113,6 +116,7 @@ def serve(
         idle_unload=idle_unload or None,
         max_body_bytes=max_body,
         max_messages=max_messages,
+        reasoning_format=reasoning_format,
     )
     if host not in ("127.0.0.1", "localhost", "::1") and not config.api_keys:
         print(f"ggufchat: warning: listening on {host} without an API key: anyone who can reach this port "

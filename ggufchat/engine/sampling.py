@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import collections
 import ctypes
 import dataclasses
 import math
 import random
+import re
 
 import llama_cpp
 import numpy as np
@@ -27,9 +27,10 @@ class SamplingParams:
     presence_penalty: float = 0.0
     seed: int | None = None  # None = the engine's --seed, else random
     grammar: str | None = None  # GBNF the output must match (root rule "root"), e.g. from a JSON schema
-    # With `grammar`: the grammar is lazy. The output is free until one of these strings appears in it;
-    # from the start of that string on it must match the grammar (so the grammar begins with the
-    # trigger text). Tool calls: free text, then `<tool_call>{...}` under the tools' grammar.
+    # With `grammar`: the grammar is lazy. The output is free until one of these regular expressions
+    # (Python's re; `$` is the end of the output so far) is found in it; from the first non-empty group
+    # of the match (or the match) on, it must match the grammar. llama.cpp's lazy-grammar semantics.
+    # Tool calls: free text, then `<tool_call>{...}` under the tools' grammar (formats/grammar.py).
     grammar_triggers: list[str] | None = None
     grammar_param: str = "response_format"  # the request field a bad grammar is blamed on ("tools", ...)
 
@@ -62,10 +63,14 @@ class SamplingParams:
         if not triggers or len(triggers) > MAX_TRIGGERS:
             raise InvalidParameter(f"a lazy grammar needs 1 to {MAX_TRIGGERS} triggers", param=param)
         for trigger in triggers:
-            if not isinstance(trigger, str) or not trigger or "\0" in trigger \
-                    or len(encode_text(trigger)) > MAX_TRIGGER_BYTES:
-                raise InvalidParameter(f"a grammar trigger must be a non-empty string of at most "
-                                       f"{MAX_TRIGGER_BYTES} bytes without NUL, not {trigger!r:.80}", param=param)
+            if not isinstance(trigger, str) or not trigger or len(trigger) > MAX_TRIGGER_CHARS:
+                raise InvalidParameter(f"a grammar trigger must be a regular expression of 1 to {MAX_TRIGGER_CHARS} "
+                                       f"characters, not {trigger!r:.80}", param=param)
+            try:
+                re.compile(trigger)
+            except re.error as exc:
+                raise InvalidParameter(f"the grammar trigger {trigger!r:.80} is not a regular expression: {exc}",
+                                       param=param) from exc
 
     @property
     def needs_chain(self) -> bool:
@@ -77,7 +82,7 @@ class SamplingParams:
 
 
 MAX_TRIGGERS = 32
-MAX_TRIGGER_BYTES = 256
+MAX_TRIGGER_CHARS = 4096
 
 
 class Sampler:
@@ -224,99 +229,82 @@ class GrammarSampler(Sampler):
                 setattr(self, name, None)
 
 
-# std::regex (ECMAScript) metacharacters: a trigger string is matched literally.
-_REGEX_SPECIAL = frozenset(".^$|()*+?[]{}\\")
-
-
-def trigger_pattern(trigger: str) -> bytes:
-    """The regex llama.cpp's lazy grammar is given for a literal trigger string."""
-    return encode_text("".join("\\" + c if c in _REGEX_SPECIAL else c for c in trigger))
+def _end_anchored(pattern: str) -> re.Pattern:
+    """A trigger pattern compiled so that a final `$` means the end of the output, as in ECMAScript (in
+    Python it would also match before a final newline)."""
+    if pattern.endswith("$") and not pattern.endswith("\\$"):
+        pattern = pattern[:-1] + r"\Z"
+    return re.compile(pattern)
 
 
 class LazyGrammarSampler(GrammarSampler):
-    """A grammar that applies only once a trigger string appears in the output (llama.cpp's lazy grammar,
-    `llama_sampler_init_grammar_lazy_patterns`), checked after sampling like GrammarSampler.
+    """A grammar that applies only once a trigger pattern matches the output (the semantics of llama.cpp's
+    lazy grammar, `llama_sampler_init_grammar_lazy_patterns`), checked after sampling like GrammarSampler.
 
-    A lazy llama.cpp grammar appends every accepted token's text to a buffer and regex-searches the
-    whole buffer for the triggers; on a match it feeds the grammar everything from the trigger's start
-    to the end of that token. Two things are wrong with feeding it every token:
-    - the search is over the whole output so far, at every token: ~50 us more per token for every 1000
-      tokens of output (measured), quadratic, on the engine thread that all sequences share;
-    - if the grammar refuses the text after the trigger, llama.cpp throws a C++ exception through its C
-      API, and the process aborts.
-    So the triggers are looked for here, in the last bytes of the output only (a match that is new at
-    this token ends inside it), with the same rules: literal patterns, tried in order, leftmost match,
-    on the same special-token pieces. Before a token that completes a trigger is accepted, the text it
-    would feed is checked on a clone of the grammar in its start state (one token at a time, with apply,
-    which never throws); a token the grammar would refuse is masked and the token picked again. Only
-    then does the llama.cpp grammar see any output: the few tokens that hold the trigger, so that its
-    own match, at the same place, switches it on and feeds it the same text."""
+    llama.cpp's own lazy grammar is not used, for two reasons:
+    - it searches every pattern through the whole output so far at every token: time per token grows
+      with the output (quadratic over a reply), on the engine thread that all sequences share;
+    - if the grammar refuses the text from the match on (the token that completes a trigger may carry
+      more text), llama.cpp throws a C++ exception through its C API, and the process aborts.
+    So the patterns are searched here, in the last WINDOW bytes of the output (a new match ends in the
+    newest token). When the token just sampled completes a match, the text from the match's start is
+    spelled in tokens and fed to a clone of the grammar; if the grammar refuses it, that token is masked
+    and another picked; if it accepts it, the clone is the grammar from then on."""
 
-    def __init__(self, grammar, chain, n_vocab: int, *, probe, triggers: list[str], tokenizer) -> None:
-        super().__init__(grammar, chain, n_vocab)
-        self.probe = probe  # the same grammar, not lazy, never advanced: cloned for every check
-        self.triggers = [encode_text(t) for t in triggers]
-        self.reach = max(len(t) for t in self.triggers) - 1  # how far back a new match can start
+    WINDOW = 2048  # bytes of output searched for a new match: far more than any trigger spans
+
+    def __init__(self, probe, chain, n_vocab: int, *, triggers: list[str], tokenizer) -> None:
+        super().__init__(None, chain, n_vocab)  # no grammar until a trigger fires
+        self.probe = probe  # the grammar in its start state, never advanced: cloned on a match
+        self.patterns = [_end_anchored(t) for t in triggers]
         self.tokenizer = tokenizer
         self.pieces = tokenizer.special_pieces()
-        self.tail = b""  # the last `reach` bytes of the output
-        self.recent: collections.deque[int] = collections.deque()  # the tokens that hold `tail`
-        self.recent_bytes = 0
-        self.waiting = True
+        self.out = bytearray()  # the output so far (its last WINDOW bytes are all that is searched)
 
-    def accepts(self, text: bytes) -> bool:
-        """Whether the grammar, from its start, accepts `text` as (a prefix of) its language."""
-        ids = self.tokenizer.spell(text)
-        if ids is None:
-            return False
-        clone = llama_cpp.llama_sampler_clone(self.probe)
-        try:
-            for tok in ids:
-                if not self._allowed(tok, clone):
-                    return False
-                llama_cpp.llama_sampler_accept(clone, tok)
-            return True
-        finally:
-            llama_cpp.llama_sampler_free(clone)
-
-    def _trigger_text(self, token: int) -> bytes | None:
-        """The text the grammar would be fed if `token` were accepted now, or None when it would keep
-        waiting."""
-        window = self.tail + self.pieces[token]
-        for trigger in self.triggers:
-            at = window.find(trigger)
-            if at >= 0:
-                return window[at:]
+    def _fed_text(self, token: int) -> bytes | None:
+        """The text the grammar would start on if `token` were accepted now, or None: no trigger yet."""
+        out = self.out[-self.WINDOW:] + self.pieces[token]
+        cut = len(self.out) > self.WINDOW
+        # A leading NUL stands for the cut-off output: `^` (the start of the output) cannot match there.
+        text = ("\0" if cut else "") + out.decode("utf-8", errors="replace")
+        for pattern in self.patterns:
+            m = pattern.search(text, 1 if cut else 0)
+            if m:
+                groups = [i for i in range(1, (m.lastindex or 0) + 1) if m.group(i)]
+                return text[m.start(groups[0]) if groups else m.start():].encode("utf-8")
         return None
 
-    def _remember(self, token: int) -> None:
-        piece = self.pieces[token]
-        self.recent.append(token)
-        self.recent_bytes += len(piece)
-        while self.recent and self.recent_bytes - len(self.pieces[self.recent[0]]) >= self.reach:
-            self.recent_bytes -= len(self.pieces[self.recent.popleft()])
-        self.tail = (self.tail + piece)[-self.reach:] if self.reach else b""
+    def started(self, text: bytes):
+        """A clone of the grammar that has accepted `text`, or None when it refuses it (never throws)."""
+        ids = self.tokenizer.spell(text)
+        if ids is None:
+            return None
+        clone = llama_cpp.llama_sampler_clone(self.probe)
+        for tok in ids:
+            if not self._allowed(tok, clone):
+                llama_cpp.llama_sampler_free(clone)
+                return None
+            llama_cpp.llama_sampler_accept(clone, tok)
+        return clone
 
     def sample(self, ctx, batch_index: int) -> int:
-        if not self.waiting:
+        if self.grammar is not None:
             return super().sample(ctx, batch_index)
         logits = self.rows.row(ctx, batch_index)
         refused: list[int] = []
         while True:  # ends: a token that completes no trigger is always left
             token = self._pick(logits, constrained=False, exclude=refused)
-            fed = self._trigger_text(token)
-            if fed is None or self.accepts(fed):
+            fed = self._fed_text(token)
+            if fed is None:
+                break
+            self.grammar = self.started(fed)
+            if self.grammar is not None:
                 break
             refused.append(token)
         llama_cpp.llama_sampler_accept(self.chain, token)
-        if fed is None:
-            self._remember(token)
-        else:
-            for tok in self.recent:
-                llama_cpp.llama_sampler_accept(self.grammar, tok)
-            llama_cpp.llama_sampler_accept(self.grammar, token)
-            self.waiting = False
-            self.recent.clear()
+        if self.grammar is None:
+            self.out += self.pieces[token]
+            del self.out[:-2 * self.WINDOW]  # keep it bounded; WINDOW is all that is read
         return token
 
     def free(self) -> None:
@@ -341,46 +329,23 @@ def make_sampler(params: SamplingParams, *, n_vocab: int, n_ctx_seq: int, defaul
     owned = []  # freed if anything below fails
     try:
         owned.append(grammar_sampler(vocab, params.grammar, params.grammar_param))  # or a lazy one's probe
-        if params.grammar_triggers:
-            owned.append(lazy_grammar_sampler(vocab, params.grammar, params.grammar_triggers, params.grammar_param))
         unconstrained = dataclasses.replace(params, grammar=None, grammar_triggers=None)
         owned.append(build_chain(unconstrained, n_vocab=n_vocab, n_ctx_seq=n_ctx_seq, default_seed=default_seed,
                                  banned_tokens=banned_tokens, vocab=vocab, history=history))
+        grammar, chain = owned
         if not params.grammar_triggers:
-            grammar, chain = owned
             return GrammarSampler(grammar, chain, n_vocab)
-        probe, grammar, chain = owned
-        sampler = LazyGrammarSampler(grammar, chain, n_vocab, probe=probe, triggers=params.grammar_triggers,
-                                     tokenizer=tokenizer)
+        return LazyGrammarSampler(grammar, chain, n_vocab, triggers=params.grammar_triggers, tokenizer=tokenizer)
     except BaseException:
         for smpl in owned:
             llama_cpp.llama_sampler_free(smpl)
         raise
-    # A grammar that does not start with its trigger could never be switched on: say so now.
-    for trigger in params.grammar_triggers:
-        if not sampler.accepts(encode_text(trigger)):
-            sampler.free()
-            raise InvalidParameter(f"the grammar must match from its trigger on, and it refuses {trigger!r:.80}",
-                                   param=params.grammar_param)
-    return sampler
 
 
 def grammar_sampler(vocab, grammar: str, param: str = "response_format"):
     """A llama.cpp grammar sampler, or InvalidParameter (naming `param`) when llama.cpp cannot parse the
     grammar."""
     smpl = llama_cpp.llama_sampler_init_grammar(vocab, encode_text(grammar), b"root")
-    if not smpl:
-        raise InvalidParameter("the grammar could not be parsed", param=param)
-    return smpl
-
-
-def lazy_grammar_sampler(vocab, grammar: str, triggers: list[str], param: str = "response_format"):
-    """A lazy llama.cpp grammar sampler that waits for one of the literal `triggers` (see
-    LazyGrammarSampler before using it outside one: accepting a token it refuses aborts the process)."""
-    patterns = [trigger_pattern(t) for t in triggers]
-    array = (ctypes.c_char_p * len(patterns))(*patterns)
-    smpl = llama_cpp.llama_sampler_init_grammar_lazy_patterns(
-        vocab, encode_text(grammar), b"root", array, len(patterns), None, 0)
     if not smpl:
         raise InvalidParameter("the grammar could not be parsed", param=param)
     return smpl

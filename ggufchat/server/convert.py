@@ -12,15 +12,20 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
+from ggufchat import formats
 from ggufchat.engine import grammar
 from ggufchat.engine.grammar import GrammarLimits
 from ggufchat.engine.sampling import SamplingParams
-from ggufchat.engine.types import Finish, GenerationRequest
+from ggufchat.engine.types import Delta, Finish, GenerationRequest, TokenLogprob
 from ggufchat.errors import InvalidParameter, Unsupported
+from ggufchat.formats import OutputFormat
+from ggufchat.formats.events import ToolSpec, new_call_id
+from ggufchat.server.output import ChatOutput, CompletionLogprobs, Pieces, finish_reason, merge_completion_logprobs
 from ggufchat.server.protocol import (
     ChatCompletionRequest,
     ChatMessage,
     CompletionRequest,
+    NamedToolChoice,
     ResponseFormat,
     SimpleRequest,
     _Sampling,
@@ -48,12 +53,22 @@ def _text_content(message: ChatMessage) -> str:
     return "".join(texts)
 
 
-def chat_messages(messages: list[ChatMessage]) -> list[dict[str, str]]:
+def chat_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
     out = []
     for m in messages:
         # "developer" is OpenAI's newer name for the system role; chat templates only know "system".
         role = "system" if m.role == "developer" else m.role
-        out.append({"role": role, "content": _text_content(m)})
+        message: dict[str, Any] = {"role": role, "content": _text_content(m)}
+        if m.name is not None:
+            message["name"] = m.name
+        if m.tool_calls:
+            # The template parses string arguments into objects (engine/templates.py).
+            message["tool_calls"] = [{"id": c.id or new_call_id(), "type": "function",
+                                      "function": {"name": c.function.name, "arguments": c.function.arguments}}
+                                     for c in m.tool_calls]
+        if m.tool_call_id is not None:
+            message["tool_call_id"] = m.tool_call_id
+        out.append(message)
     return out
 
 
@@ -117,40 +132,98 @@ def sampling_params(req: _Sampling, grammar: str | None, seed_offset: int = 0) -
     return params
 
 
-def _refuse_unsupported(req: _Sampling) -> None:
-    if req.logprobs:
-        raise Unsupported("logprobs are not supported", param="logprobs")
+@dataclass(frozen=True)
+class ToolPlan:
+    """What a chat request's tools and tool_choice decide before generation: the tools the template
+    shows and the parser accepts, their call syntax, and the grammar that constrains the reply."""
+
+    tools: tuple[ToolSpec, ...] = ()  # empty: no tools shown, nothing parsed as a call
+    family: str = "generic"
+    grammar: str | None = None
+    triggers: list[str] | None = None  # set: the grammar is lazy, on from the first match (tool_choice auto)
+
+    @property
+    def template_tools(self) -> list[dict[str, Any]] | None:
+        return [t.as_openai() for t in self.tools] or None
 
 
-def chat_requests(req: ChatCompletionRequest, prompt_tokens: list[int],
-                  limits: GrammarLimits) -> list[GenerationRequest]:
-    _refuse_unsupported(req)
-    if req.tools:
-        raise Unsupported("tools / function calling are not supported", param="tools")
+def tool_plan(req: ChatCompletionRequest, template_source: str | None, limits: GrammarLimits) -> ToolPlan:
+    choice = req.tool_choice
+    named = choice.function.name if isinstance(choice, NamedToolChoice) else None
+    specs = tuple(ToolSpec(t.function.name, t.function.description or "",
+                           t.function.parameters or {"type": "object", "properties": {}}) for t in req.tools or ())
+    if not specs:
+        if choice == "required" or named:
+            raise InvalidParameter("tool_choice needs tools to choose from", param="tool_choice")
+        return ToolPlan()
+    names = [t.name for t in specs]
+    if len(set(names)) != len(names):
+        raise InvalidParameter("tool names must be unique", param="tools")
+    if choice == "none":  # the model neither sees the tools nor has its reply read as calls
+        return ToolPlan()
+    if named and named not in names:
+        raise InvalidParameter(f"tool_choice names {named!r}, which is not among the tools", param="tool_choice")
+    family = formats.tool_family(template_source)
+    shaped = req.response_format is not None and req.response_format.type != "text"
+    if choice == "required" or named:
+        if shaped:
+            raise InvalidParameter("a forced tool call (tool_choice required or a named function) and a "
+                                   "response_format cannot both shape the reply; drop one", param="response_format")
+        forced = [t for t in specs if t.name == named] if named else list(specs)
+        grammar = formats.tool_grammar(forced, family, name=named, parallel=req.parallel_tool_calls, limits=limits)
+        return ToolPlan(specs, family, grammar)
+    if shaped:  # auto with a response_format: that grammar shapes the reply (docs/tools.md)
+        return ToolPlan(specs, family)
+    grammar, triggers = formats.lazy_tool_grammar(specs, family, parallel=req.parallel_tool_calls, limits=limits)
+    return ToolPlan(specs, family, grammar, triggers)
+
+
+def chat_requests(req: ChatCompletionRequest, prompt_tokens: list[int], limits: GrammarLimits,
+                  plan: ToolPlan | None = None) -> list[GenerationRequest]:
     if req.max_tokens is not None and req.max_completion_tokens is not None \
             and req.max_tokens != req.max_completion_tokens:
         raise InvalidParameter("max_tokens and max_completion_tokens disagree", param="max_tokens")
     max_tokens = req.max_completion_tokens or req.max_tokens
-    return _fan_out(req, prompt_tokens, max_tokens, grammar_for(req.response_format, limits))
+    if max_tokens == 0:
+        raise InvalidParameter("max_tokens must be at least 1", param="max_tokens")
+    if req.top_logprobs is not None and not req.logprobs:
+        raise InvalidParameter("top_logprobs needs logprobs: true", param="top_logprobs")
+    logprobs = (req.top_logprobs or 0) if req.logprobs else None
+    plan = plan or ToolPlan()
+    if plan.grammar is not None:
+        return _fan_out(req, prompt_tokens, max_tokens, plan.grammar, logprobs=logprobs, triggers=plan.triggers,
+                        grammar_param="tools")
+    return _fan_out(req, prompt_tokens, max_tokens, grammar_for(req.response_format, limits), logprobs=logprobs)
 
 
 def completion_requests(req: CompletionRequest, prompt_tokens: list[int],
                         limits: GrammarLimits) -> list[GenerationRequest]:
-    _refuse_unsupported(req)
     if req.suffix:
         raise Unsupported("suffix (fill-in-the-middle) is not supported", param="suffix")
     if req.best_of is not None and req.best_of != req.n:
         raise Unsupported("best_of other than n is not supported", param="best_of")
     max_tokens = req.max_tokens if req.max_tokens is not None else COMPLETIONS_MAX_TOKENS
-    return _fan_out(req, prompt_tokens, max_tokens, grammar_for(req.response_format, limits))
+    if max_tokens == 0 and not (req.echo and req.logprobs is not None):
+        raise InvalidParameter("max_tokens 0 only scores the prompt: it needs echo and logprobs", param="max_tokens")
+    # With echo, logprobs cover the prompt too (what loglikelihood evaluation sends).
+    prompt_logprobs = req.logprobs if req.echo else None
+    return _fan_out(req, prompt_tokens, max_tokens, grammar_for(req.response_format, limits),
+                    logprobs=req.logprobs, prompt_logprobs=prompt_logprobs)
 
 
-def _fan_out(req: _Sampling, prompt_tokens: list[int], max_tokens: int | None,
-             grammar: str | None) -> list[GenerationRequest]:
+def _fan_out(req: _Sampling, prompt_tokens: list[int], max_tokens: int | None, grammar: str | None, *,
+             logprobs: int | None = None, prompt_logprobs: int | None = None, triggers: list[str] | None = None,
+             grammar_param: str = "response_format") -> list[GenerationRequest]:
     stops = stop_list(req.stop)
-    return [GenerationRequest(prompt_tokens=list(prompt_tokens), sampling=sampling_params(req, grammar, i),
-                              max_tokens=max_tokens, stop=stops, ignore_eos=req.ignore_eos)
-            for i in range(req.n)]
+    requests = []
+    for i in range(req.n):
+        sampling = sampling_params(req, grammar, i)
+        sampling.grammar_triggers = triggers
+        sampling.grammar_param = grammar_param
+        requests.append(GenerationRequest(prompt_tokens=list(prompt_tokens), sampling=sampling,
+                                          max_tokens=max_tokens, stop=stops, ignore_eos=req.ignore_eos,
+                                          logprobs=logprobs, prompt_logprobs=prompt_logprobs))
+    return requests
 
 
 def simple_request(req: SimpleRequest, prompt_tokens: list[int], default_max_tokens: int) -> GenerationRequest:
@@ -175,20 +248,32 @@ def completion_prompt(prompt: str | list[str] | list[int] | list[list[int]]) -> 
 
 
 # ------------------------------------------------------------------ responses
-FINISH_REASONS = {"stop": "stop", "length": "length", "cancelled": "stop"}
-
-
 @dataclass
 class Choice:
     """What one sequence produced, gathered from its events."""
 
     index: int
     text: list[str] = field(default_factory=list)
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # one per generated token, when asked for
+    prompt_logprobs: list[TokenLogprob | None] | None = None
     finish: Finish | None = None
 
     @property
     def content(self) -> str:
         return "".join(self.text)
+
+    def add(self, delta: Delta) -> None:
+        self.text.append(delta.text)
+        self.token_ids.extend(delta.token_ids)
+        if delta.logprobs:
+            self.logprobs.extend(delta.logprobs)
+        if delta.prompt_logprobs is not None:
+            self.prompt_logprobs = delta.prompt_logprobs
+
+    def as_delta(self) -> Delta:
+        """Everything it produced as one Delta (a non-streamed reply goes through the same output code)."""
+        return Delta(self.content, self.token_ids, logprobs=self.logprobs or None)
 
 
 def new_id(prefix: str) -> str:
@@ -207,27 +292,45 @@ def usage_dict(finishes: list[Finish]) -> dict[str, Any]:
     }
 
 
-def chat_completion(rid: str, model: str, choices: list[Choice]) -> dict[str, Any]:
+def chat_completion(rid: str, model: str, choices: list[Choice], fmt: OutputFormat | None = None,
+                    pieces: Pieces | None = None) -> dict[str, Any]:
+    """The whole response. `pieces` (token bytes) when the client asked for logprobs."""
+    out = []
+    for c in choices:
+        output = ChatOutput(fmt, pieces)
+        output.push(c.as_delta())
+        output.end()
+        out.append(output.choice(c.index, c.finish, with_logprobs=pieces is not None))
     return {
         "id": rid,
         "object": "chat.completion",
         "created": int(time.time()),
         "model": model,
-        "choices": [{"index": c.index, "message": {"role": "assistant", "content": c.content},
-                     "logprobs": None, "finish_reason": FINISH_REASONS.get(c.finish.reason, c.finish.reason)}
-                    for c in choices],
+        "choices": out,
         "usage": usage_dict([c.finish for c in choices]),
     }
 
 
-def text_completion(rid: str, model: str, choices: list[Choice], echo: str = "") -> dict[str, Any]:
+def text_completion(rid: str, model: str, choices: list[Choice], echo: str = "", *,
+                    pieces: Pieces | None = None, prompt_tokens: list[int] | None = None) -> dict[str, Any]:
+    out = []
+    for c in choices:
+        logprobs = None
+        if pieces is not None:
+            builder = CompletionLogprobs(pieces)
+            parts = []
+            if echo and c.prompt_logprobs is not None and prompt_tokens is not None:
+                parts.append(builder.chunk(prompt_tokens, c.prompt_logprobs))
+            parts.append(builder.chunk([e.token for e in c.logprobs], list(c.logprobs)))
+            logprobs = merge_completion_logprobs(parts)
+        out.append({"index": c.index, "text": echo + c.content, "logprobs": logprobs,
+                    "finish_reason": finish_reason(c.finish)})
     return {
         "id": rid,
         "object": "text_completion",
         "created": int(time.time()),
         "model": model,
-        "choices": [{"index": c.index, "text": echo + c.content, "logprobs": None,
-                     "finish_reason": FINISH_REASONS.get(c.finish.reason, c.finish.reason)} for c in choices],
+        "choices": out,
         "usage": usage_dict([c.finish for c in choices]),
     }
 
@@ -238,8 +341,8 @@ _encode_str = json.JSONEncoder(ensure_ascii=False).encode
 class ChunkWriter:
     """Server-sent events for one streamed response. Chunks share everything but their payload, so the
     common part is serialised once; a token's chunk is a cached prefix and suffix around its text,
-    encoded as one JSON string (json.dumps with any option builds a new JSONEncoder per call: 3.4 us
-    a token against 0.65 us this way)."""
+    encoded as one JSON string (json.dumps with any option builds a new JSONEncoder per call, several
+    times the cost; docs/benchmarks.md, costs behind design choices)."""
 
     def __init__(self, rid: str, model: str, *, chat: bool, include_usage: bool) -> None:
         self.chat = chat
@@ -268,8 +371,15 @@ class ChunkWriter:
             around = self._around[index] = (before, after)
         return around[0] + _encode_str(text) + around[1]
 
-    def finish(self, index: int, finish: Finish) -> str:
-        reason = FINISH_REASONS.get(finish.reason, finish.reason)
+    def delta(self, index: int, delta: dict[str, Any], logprobs: dict[str, Any] | None = None) -> str:
+        """A chunk of anything but plain text: reasoning, tool calls, logprobs."""
+        if self.chat:
+            return self._event([{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": None}])
+        return self._event([{"index": index, "text": delta.get("content", ""), "logprobs": logprobs,
+                             "finish_reason": None}])
+
+    def finish(self, index: int, finish: Finish, *, called: bool = False) -> str:
+        reason = finish_reason(finish, called)
         if self.chat:
             return self._event([{"index": index, "delta": {}, "logprobs": None, "finish_reason": reason}])
         return self._event([{"index": index, "text": "", "logprobs": None, "finish_reason": reason}])

@@ -165,7 +165,7 @@ class Generation:
         choices = [Choice(i) for i in range(len(self.streams))]
         async for index, event in self.events():
             if isinstance(event, Delta):
-                choices[index].text.append(event.text)
+                choices[index].add(event)
             else:
                 choices[index].finish = event
                 if event.reason == "error" and event.error is not None:

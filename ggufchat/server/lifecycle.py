@@ -39,6 +39,7 @@ class ServerConfig:
     idle_unload: float | None = None  # seconds without requests before the model is freed
     max_body_bytes: int = 4 << 20
     max_messages: int = 2048  # chat messages in one request
+    reasoning_format: str = "deepseek"  # deepseek: <think> text goes to reasoning_content; none: stays in content
 
 
 class Lease:

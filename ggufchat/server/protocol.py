@@ -6,8 +6,14 @@ Departures from the OpenAI API, on purpose:
 - Extensions, as llama-server has them: `top_k`, `min_p`, `repeat_penalty`, `ignore_eos`.
 - /v1/completions parses special tokens in the prompt (the client owns the whole prompt text);
   /v1/chat/completions never does in message content (see engine/templates.py).
-- Features we do not implement are refused with 400 rather than ignored: `logprobs`, `tools`,
-  `suffix`, `best_of` != n, non-text content parts.
+- Features we do not implement are refused with 400 rather than ignored: `suffix`, `best_of` != n,
+  non-text content parts, several prompts in one completions request.
+- Tools: `tool_choice` "required" or a named function forces a valid call with a grammar, so
+  `response_format` must then be absent or "text"; with "auto", `response_format` shapes the reply and
+  a reply that is a JSON call of a given tool is still reported as a call (docs/tools.md).
+- `chat_template_kwargs` (llama-server's and vLLM's name) go to the chat template, e.g.
+  {"enable_thinking": false}.
+- Logprobs are log-softmax over the model's raw logits, before temperature, penalties and grammars.
 - Unknown fields are ignored (clients send `store`, `metadata`, `user`, ...), as OpenAI does.
 - Text with lone surrogates (JSON `"\\ud800"`, or the raw bytes ED A0 80, which Python's JSON
   parser lets through) is accepted with each one replaced by U+FFFD, as a browser would show it.
@@ -23,6 +29,8 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 from ggufchat.engine.tokens import valid_unicode
 
 MAX_N = 16
+MAX_TOP_LOGPROBS = 20
+MAX_TOOLS = 128
 
 
 # Every string a client sends: it reaches the tokenizer, hashes and JSON replies, which all need UTF-8.
@@ -38,10 +46,48 @@ class ContentPart(_Wire):
     text: Text | None = None
 
 
+class FunctionCall(_Wire):
+    name: Text
+    arguments: Text | dict[str, Any] = "{}"  # OpenAI sends a JSON string; some clients an object
+
+
+class ToolCallWire(_Wire):
+    id: Text | None = None
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(_Wire):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: Text | list[ContentPart] | None = None
     name: Text | None = None
+    tool_calls: list[ToolCallWire] | None = Field(default=None, max_length=MAX_TOOLS)
+    tool_call_id: Text | None = None
+
+
+# Function names as OpenAI allows them; they end up in prompts and grammars, so nothing else.
+FunctionName = Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")]
+
+
+class FunctionDef(_Wire):
+    name: FunctionName
+    description: Text | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class Tool(_Wire):
+    type: Literal["function"]
+    function: FunctionDef
+
+
+class NamedFunction(_Wire):
+    name: FunctionName
+
+
+class NamedToolChoice(_Wire):
+    type: Literal["function"]
+    function: NamedFunction
 
 
 class JsonSchemaSpec(_Wire):
@@ -63,7 +109,7 @@ class _Sampling(_Wire):
     """Fields shared by chat and text completions. Ranges are OpenAI's; the engine checks again."""
 
     model: str | None = None
-    max_tokens: int | None = Field(default=None, ge=1)
+    max_tokens: int | None = Field(default=None, ge=0)  # 0: completions with echo score the prompt only
     temperature: float | None = Field(default=None, ge=0, le=2)
     top_p: float | None = Field(default=None, ge=0, le=1)
     n: int = Field(default=1, ge=1, le=MAX_N)
@@ -73,7 +119,6 @@ class _Sampling(_Wire):
     frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
     stream: bool = False
     stream_options: StreamOptions | None = None
-    logprobs: bool | int | None = None
     # Extensions (llama-server's names).
     top_k: int | None = Field(default=None, ge=0)
     min_p: float | None = Field(default=None, ge=0, le=1)
@@ -85,14 +130,18 @@ class ChatCompletionRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
     response_format: ResponseFormat | None = None
-    tools: list[dict[str, Any]] | None = None
-    tool_choice: Any = None
-    top_logprobs: int | None = None
+    tools: list[Tool] | None = Field(default=None, max_length=MAX_TOOLS)
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool = True
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
+    chat_template_kwargs: dict[str, Any] | None = None
 
 
 class CompletionRequest(_Sampling):
     prompt: Text | list[Text] | list[int] | list[list[int]]
     echo: bool = False
+    logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)  # OpenAI allows 5; llama-server more
     suffix: Text | None = None
     best_of: int | None = None
     response_format: ResponseFormat | None = None  # not in OpenAI's completions; llama-server has it

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import re
 
-import llama_cpp
 import pytest
 
 from ggufchat.engine import Engine, GenerationRequest, SamplingParams
@@ -52,7 +51,7 @@ def test_the_grammar_applies_from_the_trigger_on(fresh: Engine):
     prompt = chat(fresh, PROMPT)
     free, tokens, _ = greedy_run(fresh, prompt)
     trigger, start = pick_trigger(fresh, tokens, cut=0)
-    lazy, _, reason = greedy_run(fresh, prompt, grammar=tool_grammar(trigger), grammar_triggers=[trigger])
+    lazy, _, reason = greedy_run(fresh, prompt, grammar=tool_grammar(trigger), grammar_triggers=[re.escape(trigger)])
     end = start + len(trigger)
     assert lazy[:end] == free[:end]  # free until the trigger: the unconstrained output
     assert re.fullmatch(TAIL, lazy[end:]), lazy  # then the grammar, to its end
@@ -67,7 +66,7 @@ def test_a_token_that_runs_past_the_trigger_into_text_the_grammar_refuses(fresh:
     prompt = chat(fresh, PROMPT)
     free, tokens, _ = greedy_run(fresh, prompt)
     trigger, start = pick_trigger(fresh, tokens, cut=2)
-    lazy, _, _ = greedy_run(fresh, prompt, grammar=tool_grammar(trigger), grammar_triggers=[trigger])
+    lazy, _, _ = greedy_run(fresh, prompt, grammar=tool_grammar(trigger), grammar_triggers=[re.escape(trigger)])
     assert lazy[:start] == free[:start]
     assert lazy != free
     at = lazy.find(trigger)
@@ -82,13 +81,13 @@ def test_several_triggers_and_sampling(fresh: Engine):
     free, tokens, _ = greedy_run(fresh, prompt)
     trigger, start = pick_trigger(fresh, tokens, cut=0)
     grammar = f'root ::= ({gbnf_literal(trigger)} | "<tool_call>") " NUMBER " [0-9] [0-9] [0-9]'
-    text, _, _ = greedy_run(fresh, prompt, grammar=grammar, grammar_triggers=["<tool_call>", trigger])
+    text, _, _ = greedy_run(fresh, prompt, grammar=grammar, grammar_triggers=["<tool_call>", re.escape(trigger)])
     end = start + len(trigger)
     assert text[:end] == free[:end] and re.fullmatch(TAIL, text[end:])
     for seed in range(3):
-        text = fresh.submit(GenerationRequest(prompt, SamplingParams(temperature=1.0, seed=seed, grammar=grammar,
-                                                                     grammar_triggers=[trigger, "<tool_call>"]),
-                                              max_tokens=60)).text()
+        params = SamplingParams(temperature=1.0, seed=seed, grammar=grammar,
+                                grammar_triggers=[re.escape(trigger), "<tool_call>"])
+        text = fresh.submit(GenerationRequest(prompt, params, max_tokens=60)).text()
         hits = [i for i in (text.find(trigger), text.find("<tool_call>")) if i >= 0]
         if hits:
             at = min(hits)
@@ -97,9 +96,9 @@ def test_several_triggers_and_sampling(fresh: Engine):
 
 @pytest.mark.parametrize("sampling, words", [
     (dict(grammar='root ::= "x', grammar_triggers=["x"]), "could not be parsed"),
-    (dict(grammar='root ::= "<tool_call>" [a-z]+', grammar_triggers=["<call>"]), "must match from its trigger"),
     (dict(grammar=None, grammar_triggers=["<tool_call>"]), "need a grammar"),
-    (dict(grammar='root ::= "a"', grammar_triggers=[""]), "non-empty"),
+    (dict(grammar='root ::= "a"', grammar_triggers=[""]), "regular expression of 1 to"),
+    (dict(grammar='root ::= "a"', grammar_triggers=["(unclosed"]), "not a regular expression"),
     (dict(grammar='root ::= "a"', grammar_triggers=[]), "1 to"),
     (dict(grammar='root ::= "' + "a" * 140_000 + '"', grammar_triggers=["a"]), "this request's tools"),
 ])
@@ -116,24 +115,24 @@ def test_grammar_errors_still_name_response_format_by_default(engine: Engine):
     assert info.value.param == "response_format"
 
 
-def test_trigger_patterns_are_literal(engine: Engine):
-    """Regex metacharacters in a trigger match themselves (llama.cpp compiles triggers as std::regex)."""
-    trigger = "[TOOL_CALLS](.*)"
-    params = SamplingParams(temperature=0, grammar=f"root ::= {gbnf_literal(trigger)} [a-z]+",
-                            grammar_triggers=[trigger])
+def test_trigger_patterns_are_regular_expressions(engine: Engine):
+    """A trigger is a regex searched in the output; the grammar starts at its first non-empty group, and
+    `^` is the start of the output, `$` its end (llama.cpp's lazy-grammar semantics)."""
+    params = SamplingParams(temperature=0, grammar='root ::= "{" [a-z]+ "}"',
+                            grammar_triggers=[r"^\s*(\{)$", r"CALL:(\{)$"])
     sampler = engine.prepare(GenerationRequest(chat(engine, "hi"), params)).take_sampler()
     try:
-        assert sampler.accepts(trigger.encode()) and sampler.accepts(b"[TOOL_CALLS](.*)abc")
-        assert not sampler.accepts(b"[TOOL_CALLS](.*)1")
-        ids = engine.tokenize(trigger, add_special=False)
-        assert sampler._trigger_text(ids[-1]) is None  # one token of it is not the whole trigger
-        # llama.cpp's own lazy grammar: waiting, it allows anything; the whole literal trigger (and not
-        # "[" alone, which the unescaped pattern would match) switches it on.
-        digit = engine.tokenize("1", add_special=False)[0]
-        for tok in ids:
-            assert sampler._allowed(digit)
-            llama_cpp.llama_sampler_accept(sampler.grammar, tok)
-        assert not sampler._allowed(digit)
-        assert sampler._allowed(engine.tokenize("abc", add_special=False)[0])
+        def fed(text: str) -> bytes | None:
+            ids = engine.tokenize(text, add_special=False)
+            sampler.out = bytearray(b"".join(sampler.pieces[t] for t in ids[:-1]))
+            return sampler._fed_text(ids[-1])
+
+        assert fed("  {") == b"{"  # at the start of the output, after blanks
+        assert fed("Sure: {") is None  # `^`: only at the start
+        assert fed("I will CALL:{") == b"{"  # the group, not the whole match
+        assert fed("{ab") is None  # `$`: the match must end at the newest token
+        sampler.out = bytearray(b"x" * (3 * sampler.WINDOW))
+        assert sampler._fed_text(engine.tokenize("{", add_special=False)[0]) is None  # `^` is not a window's start
+        assert sampler.started(b"{abc") is not None and sampler.started(b"{1") is None
     finally:
         sampler.free()

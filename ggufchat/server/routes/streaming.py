@@ -7,11 +7,12 @@ import asyncio
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
-from ggufchat.engine.types import Delta
+from ggufchat.engine.types import Delta, Finish
 from ggufchat.errors import EngineStopped, GgufchatError
 from ggufchat.server.convert import Choice, ChunkWriter
 from ggufchat.server.errors import describe
 from ggufchat.server.generation import Generation
+from ggufchat.server.output import ChatOutput, CompletionLogprobs
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
@@ -23,6 +24,59 @@ async def collect(gen: Generation) -> list[Choice]:
         gen.close()
 
 
+class PlainChunks:
+    """Text only: the fast path, one cached chunk shape per choice."""
+
+    def __init__(self, writer: ChunkWriter) -> None:
+        self.writer = writer
+
+    def delta(self, index: int, event: Delta) -> str:
+        return self.writer.text(index, event.text) if event.text else ""
+
+    def finish(self, index: int, finish: Finish) -> str:
+        return self.writer.finish(index, finish)
+
+
+class ChatChunks:
+    """Chat choices through their ChatOutput: reasoning, tool calls and logprobs."""
+
+    def __init__(self, writer: ChunkWriter, outputs: list[ChatOutput]) -> None:
+        self.writer = writer
+        self.outputs = outputs
+
+    def delta(self, index: int, event: Delta) -> str:
+        return "".join(self.writer.delta(index, d, lp) for d, lp in self.outputs[index].push(event))
+
+    def finish(self, index: int, finish: Finish) -> str:
+        output = self.outputs[index]
+        tail = "".join(self.writer.delta(index, d, lp) for d, lp in output.end())
+        return tail + self.writer.finish(index, finish, called=output.called)
+
+
+class CompletionChunks:
+    """Completions with logprobs: the prompt's (with echo) in a chunk of their own, then each token's."""
+
+    def __init__(self, writer: ChunkWriter, builders: list[CompletionLogprobs], prompt_tokens: list[int]) -> None:
+        self.writer = writer
+        self.builders = builders
+        self.prompt_tokens = prompt_tokens
+
+    def delta(self, index: int, event: Delta) -> str:
+        builder, out = self.builders[index], []
+        if event.prompt_logprobs is not None:
+            out.append(self.writer.delta(index, {"content": ""},
+                                         builder.chunk(self.prompt_tokens, event.prompt_logprobs)))
+        if event.token_ids:
+            entries = event.logprobs or [None] * len(event.token_ids)
+            out.append(self.writer.delta(index, {"content": event.text}, builder.chunk(event.token_ids, entries)))
+        elif event.text:
+            out.append(self.writer.text(index, event.text))
+        return "".join(out)
+
+    def finish(self, index: int, finish: Finish) -> str:
+        return self.writer.finish(index, finish)
+
+
 class EventStream(Response):
     """A Generation as server-sent events. In place of StreamingResponse over an async generator:
     each token is one await of Generation.next() and one send of ready bytes, no generator layers and
@@ -31,16 +85,18 @@ class EventStream(Response):
 
     media_type = "text/event-stream"
 
-    def __init__(self, gen: Generation, writer: ChunkWriter, echo: str = "") -> None:
+    def __init__(self, gen: Generation, writer: ChunkWriter, echo: str = "",
+                 chunks: PlainChunks | ChatChunks | CompletionChunks | None = None) -> None:
         self.gen = gen
         self.writer = writer
         self.echo = echo
+        self.chunks = chunks or PlainChunks(writer)
         self.status_code = 200
         self.background = None
         self.init_headers(SSE_HEADERS)  # no body: no content-length, so the server sends it chunked
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        gen, writer = self.gen, self.writer
+        gen, writer, chunks = self.gen, self.writer, self.chunks
         gen.watch_disconnect(receive)
         try:
             await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
@@ -56,13 +112,13 @@ class EventStream(Response):
                 while (item := await gen.next()) is not None:
                     index, event = item
                     if isinstance(event, Delta):
-                        if not event.text:
+                        chunk = chunks.delta(index, event)
+                        if not chunk:
                             continue
-                        chunk = writer.text(index, event.text)
                     elif event.reason == "error":
                         chunk = writer.error(describe(event.error or EngineStopped("the sequence failed"))[1])
                     else:
-                        chunk = writer.finish(index, event)
+                        chunk = chunks.finish(index, event)
                     await send({"type": "http.response.body", "body": chunk.encode(), "more_body": True})
                 tail = writer.usage([f for f in gen.finishes if f is not None]) if writer.include_usage else ""
             except GgufchatError as exc:  # the timeout, above all
