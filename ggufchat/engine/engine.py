@@ -17,7 +17,7 @@ from ggufchat.engine.loader import LoadedModel, LoadOptions
 from ggufchat.engine.logprobs import MAX_TOP
 from ggufchat.engine.sampling import Sampler, make_sampler
 from ggufchat.engine.scheduler import LoopEmitter, Scheduler, Sequence
-from ggufchat.engine.templates import ChatTemplate, Segment
+from ggufchat.engine.templates import ChatTemplate, Segment, tokenize_segments
 from ggufchat.engine.tokens import Tokenizer
 from ggufchat.engine.types import Delta, EngineStats, Event, Finish, GenerationRequest, Usage, Vocabulary
 from ggufchat.errors import ContextOverflow, InvalidParameter, TemplateError
@@ -242,12 +242,11 @@ class Engine:
 
         `tools` reaches the template as its `tools` variable (undefined when None, as before);
         `template_kwargs` are further template variables (a request's chat_template_kwargs)."""
-        tokens: list[int] = []
-        if self.tokenizer.add_bos:
-            tokens.append(self.tokenizer.bos)
-        for seg in self._segments(messages, add_generation_prompt, tools, template_kwargs):
-            tokens += self.tokenizer.tokenize(seg.text, add_special=False, parse_special=not seg.is_content)
-        return tokens
+        # Content and the template text around it are tokenized as one run, as llama.cpp tokenizes a
+        # whole prompt (the same ids as llama-server); only template text makes control tokens.
+        start = [self.tokenizer.bos] if self.tokenizer.add_bos else []
+        return start + tokenize_segments(self._segments(messages, add_generation_prompt, tools, template_kwargs),
+                                         self.tokenizer)
 
     def _segments(self, messages: list[dict[str, Any]], add_generation_prompt: bool,
                   tools: list[dict[str, Any]] | None = None,

@@ -21,7 +21,6 @@ from pathlib import Path
 import pytest
 
 from ggufchat.engine import Engine
-from ggufchat.engine.templates import tokenize_segments
 
 ROOT = Path(__file__).resolve().parents[2]
 LLAMA_SERVER = ROOT / ".build" / "llama.cpp" / "bin" / "llama-server"
@@ -137,10 +136,8 @@ def measure(port: int, body: dict) -> dict:
 
 
 def ggufchat_prompt(engine: Engine, body: dict) -> tuple[str, list[int]]:
-    segments = engine.template.render_segments(body["messages"], tools=body.get("tools"))
-    tok = engine.tokenizer
-    ids = ([tok.bos] if tok.add_bos else []) + tokenize_segments(segments, tok)
-    return "".join(s.text for s in segments), ids
+    tools = body.get("tools")
+    return engine.render_chat(body["messages"], tools=tools), engine.chat_tokens(body["messages"], tools=tools)
 
 
 @pytest.mark.parametrize("case", list(REQUESTS))
