@@ -10,7 +10,7 @@ waits for /health. Each client then sends requests back to back until the time i
     completion_stream  /v1/completions, stream
     completion         /v1/completions, one JSON body
     bad                a request the server must refuse with a 4xx JSON error: a prompt longer than the
-                       context, temperature out of range, a token id outside the vocabulary, logprobs
+                       context, temperature out of range, a token id outside the vocabulary, top_logprobs over 20
 
 A fraction of the good requests (--disconnect-fraction) is abandoned on purpose: a stream after a random
 number of content chunks (sometimes 0: right after sending), a JSON request after a random delay; the
@@ -61,7 +61,7 @@ from bench_server import TOPICS, _read_body, percentile  # noqa: E402
 
 KINDS = ["chat_stream", "chat", "completion_stream", "completion", "bad"]
 GOOD_WEIGHTS = {"chat_stream": 4, "chat": 2, "completion_stream": 2, "completion": 1}
-BAD_CASES = ["too_long_chat", "too_long_completion_stream", "bad_temperature", "bad_token_id", "logprobs"]
+BAD_CASES = ["too_long_chat", "too_long_completion_stream", "bad_temperature", "bad_token_id", "top_logprobs"]
 # Failures that fail the run, by the name the summary uses for them.
 FAILURES = {
     "5xx": "5xx responses",
@@ -435,8 +435,8 @@ class Client:
         if case == "bad_token_id":
             return Plan("bad", "/v1/completions", {"prompt": [1, self.target.n_vocab_hint], "max_tokens": 8},
                         bad_case=case)
-        return Plan("bad", "/v1/chat/completions", {**chat, "logprobs": True, "stream": r.random() < 0.5},
-                    bad_case=case)
+        return Plan("bad", "/v1/chat/completions", {**chat, "logprobs": True, "top_logprobs": 21,
+                                                   "stream": r.random() < 0.5}, bad_case=case)
 
     def after(self, plan: Plan, res: Result) -> None:
         """Keep the conversation going only with a reply the server finished."""

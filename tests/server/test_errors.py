@@ -55,8 +55,9 @@ def test_prompt_longer_than_the_context(url: str, engine):
 
 
 @pytest.mark.parametrize("body, param", [
-    ({"logprobs": True}, "logprobs"),
-    ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}, "messages"),
+    ({"tool_choice": "required"}, "tool_choice"),
+    ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
     ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
     ({"response_format": {"type": "json_schema"}}, "response_format"),
 ])
