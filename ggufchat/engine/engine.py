@@ -113,8 +113,8 @@ class Engine:
         self.grammar_limits = grammar_limits or gbnf.GrammarLimits()
         self._closed = False
         # The model is loaded on the thread that will decode with it: llama.cpp's OpenMP team belongs
-        # to the thread that first computes, and a second team left spinning by a loading thread
-        # costs ~20% of decode speed on a 2-core machine (measured).
+        # to the thread that first computes, and a second team left spinning by a loading thread slows
+        # every decode (measured: docs/benchmarks.md, costs behind design choices).
         ready: Future = Future()
         self._thread = threading.Thread(target=self._engine_thread, args=(options, ready),
                                         name="ggufchat-engine", daemon=True)

@@ -27,7 +27,7 @@ class GrammarLimits:
     docs/security.md for the measurements) and above what real JSON schemas need."""
 
     max_bytes: int = 128 * 1024  # GBNF text
-    max_depth: int = 512  # nested ( ) groups: llama.cpp fails (dumping the grammar) from ~1100, crashes ~20000
+    max_depth: int = 512  # nested ( ) groups: where llama.cpp fails and crashes is in docs/security.md
     max_repeat: int = 1000  # n in {m,n}; llama.cpp itself refuses > 2000 (and dumps the grammar)
     # Alternatives (`|`): sampling tries every vocabulary token against every live alternative, so an
     # enum of thousands of values makes each decode step take seconds for every sequence on the engine.

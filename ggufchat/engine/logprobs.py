@@ -30,7 +30,8 @@ def log_normalizers(rows: np.ndarray) -> np.ndarray:
 def _top(row: np.ndarray, norm: float, n: int) -> list[tuple[int, float]]:
     """The n best (id, logprob) of a row, best first; equal logits go to the lower id, as argmax does.
 
-    An argpartition of a 49k row takes ~500 us; this takes ~30: the n largest of the maxima of 64
+    Much cheaper than an argpartition of the row (docs/benchmarks.md, costs behind design choices): the
+    n largest of the maxima of 64
     interleaved slices of the row are n distinct elements, so the row's n-th largest value is at least
     the n-th largest of those maxima, and only the few elements above that threshold need sorting."""
     if n <= 0:

@@ -109,8 +109,8 @@ class ChainSampler(Sampler):
 
 
 # llama_get_logits_ith returning a plain address: the bindings' LP_c_float result would need
-# np.ctypeslib.as_array, which builds a ctypes array type on every call (~25 us, a fifth of the
-# engine's Python time per single-sequence step).
+# np.ctypeslib.as_array, which builds a ctypes array type on every call: a large part of the engine's
+# Python time per single-sequence step (docs/benchmarks.md, costs behind design choices).
 _logits_ith = llama_cpp.llama_cpp._lib["llama_get_logits_ith"]  # a fresh function object, not the bindings'
 _logits_ith.argtypes = [ctypes.c_void_p, ctypes.c_int32]
 _logits_ith.restype = ctypes.c_void_p
@@ -153,7 +153,8 @@ def logits_block(ctx, batch_index: int, count: int, n_vocab: int) -> np.ndarray:
 
 class ArgmaxSampler(Sampler):
     """Plain greedy decoding, straight off the logits: llama.cpp's greedy chain first copies the whole
-    vocabulary into a candidate array (~110 us a token here), an argmax over the row takes ~15 us.
+    vocabulary into a candidate array, several times the cost of an argmax over the row
+    (docs/benchmarks.md, costs behind design choices).
     Ties go to the lowest id, as in llama.cpp's greedy sampler."""
 
     def __init__(self, n_vocab: int, banned_tokens: list[int] | None) -> None:

@@ -52,8 +52,9 @@ FRAGMENT_TOKENS = 256
 
 # The most prompt tokens of a prompt_logprobs request decoded in one step. Each asks llama.cpp for a
 # logits row, and llama.cpp grows its output buffer to the most rows one batch ever asked for and keeps
-# it: 256 rows are 50 MB for a 49k vocabulary, 155 MB for a 151k one. Per row, reading the log-softmax
-# costs ~0.1 ms here, so one step's chunk holds the other sequences up ~25 ms at most.
+# it (256 rows of 4-byte logits are 50 MB for a 49k vocabulary). Reading each row's log-softmax takes
+# time on the engine thread, so a bounded chunk bounds how long one step holds the other sequences
+# (docs/benchmarks.md, costs behind design choices).
 PROMPT_LOGITS_CHUNK = 256
 
 
@@ -117,6 +118,24 @@ def common_prefix(a: list[int], b: list[int]) -> int:
     while i < n and a[i] == b[i]:
         i += 1
     return i
+
+
+def pick_slot(slots: list[Slot], prompt: list[int]) -> Slot:
+    """The free slot whose cached tokens save the most prefill of `prompt`, counting a slot that splits
+    the busy sequence ids into one more run as FRAGMENT_TOKENS tokens worse; ties go to the least
+    recently used slot (the others' caches live longer). At least one slot must be free.
+
+    Why runs matter: with a KV stream per sequence, llama.cpp puts only consecutive sequence ids in one
+    ubatch, so every gap among the generating sequences' ids costs one more pass over the weights per
+    step (docs/benchmarks.md, slots and ubatches)."""
+    busy = {s.seq_id for s in slots if s.busy}
+
+    def extra_runs(seq_id: int) -> int:
+        # -1: fills a hole between two runs; 0: extends one; +1: starts a new run
+        return 1 - (seq_id - 1 in busy) - (seq_id + 1 in busy)
+
+    return max((s for s in slots if not s.busy),
+               key=lambda s: (common_prefix(s.tokens, prompt) - FRAGMENT_TOKENS * extra_runs(s.seq_id), -s.last_used))
 
 
 class Scheduler:
@@ -194,6 +213,11 @@ class Scheduler:
     def active_count(self) -> int:
         return len(self._active)
 
+    def batch_order(self) -> list[int]:
+        """Engine thread only (Scheduler.call): the sequence ids of the active sequences, in the order
+        they go into a batch."""
+        return [seq.slot.seq_id for seq in self._active]
+
     # The engine thread.
     def run(self) -> None:
         """The loop; runs on the thread that loaded the model, until close()."""
@@ -249,31 +273,13 @@ class Scheduler:
 
     def _admit(self) -> None:
         while self._waiting:
-            free = [s for s in self.slots if not s.busy]
-            if not free:
+            if all(s.busy for s in self.slots):
                 return
             seq = self._waiting.popleft()
             # A prompt_logprobs request decodes its whole prompt, whatever a slot holds: so take the slot
             # whose cache is worth least to others.
             prompt = [] if seq.request.prompt_logprobs is not None else seq.request.prompt_tokens
-            self._bind(seq, self._pick_slot(free, prompt))
-
-    def _pick_slot(self, free: list[Slot], prompt: list[int]) -> Slot:
-        """The free slot whose cached tokens save the most prefill, counting a slot that splits the busy
-        sequence ids into one more run as FRAGMENT_TOKENS tokens worse; ties go to the least recently
-        used slot (the others' caches live longer).
-
-        Why runs matter: with a KV stream per sequence, llama.cpp puts only consecutive sequence ids in
-        one ubatch, so every gap among the generating sequences' ids costs one more pass over the
-        weights per step (docs/benchmarks.md, slots and ubatches)."""
-        busy = {s.seq_id for s in self.slots if s.busy}
-
-        def extra_runs(seq_id: int) -> int:
-            # -1: fills a hole between two runs; 0: extends one; +1: starts a new run
-            return 1 - (seq_id - 1 in busy) - (seq_id + 1 in busy)
-
-        return max(free, key=lambda s: (common_prefix(s.tokens, prompt) - FRAGMENT_TOKENS * extra_runs(s.seq_id),
-                                         -s.last_used))
+            self._bind(seq, pick_slot(self.slots, prompt))
 
     def _bind(self, seq: Sequence, slot: Slot) -> None:
         prompt = seq.request.prompt_tokens

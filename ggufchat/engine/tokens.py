@@ -70,8 +70,8 @@ class Tokenizer:
             n = llama_cpp.llama_tokenize(self.vocab, data, len(data), buf, cap, add_special, parse_special)
         if n <= _SLICE:
             return buf[:n]
-        # Copied out in slices: one slice of two million ids holds the GIL ~70 ms in a single C call,
-        # and an event loop in another thread waits that long.
+        # Copied out in slices: one slice of millions of ids holds the GIL for tens of milliseconds in a
+        # single C call, and an event loop in another thread waits that long (docs/benchmarks.md).
         tokens: list[int] = []
         for i in range(0, n, _SLICE):
             tokens += buf[i:min(n, i + _SLICE)]

@@ -204,7 +204,7 @@ def test_batch_holds_sequences_in_slot_order_whatever_order_slots_were_taken(fre
     streams = [fresh.submit(GenerationRequest(chat(fresh, p), SamplingParams.greedy(), max_tokens=4))
                for p in PROMPTS]
     while any(s.finish is None for s in streams):
-        fresh.scheduler.call(lambda: seen.append([s.slot.seq_id for s in fresh.scheduler._active])).wait()
+        fresh.scheduler.call(lambda: seen.append(fresh.scheduler.batch_order())).wait()
         for s in streams:
             if s.finish is None:
                 next(iter(s), None)
@@ -222,29 +222,24 @@ def test_the_engine_waits_for_the_event_loop_only_when_decoding_takes_every_cpu(
 def test_a_new_sequence_keeps_the_busy_sequence_ids_in_one_run():
     # llama.cpp puts only consecutive sequence ids in one ubatch: a gap costs a pass over the weights
     # per step (4 sequences in slots 0,2,4,6 decoded 50% slower than in 0-3, measured).
-    from types import SimpleNamespace
-
-    from ggufchat.engine.scheduler import FRAGMENT_TOKENS, Scheduler, Slot
+    from ggufchat.engine.scheduler import FRAGMENT_TOKENS, Slot, pick_slot
 
     system = list(range(100, 140))  # a shared system prompt, cached in every slot that served one
     slots = [Slot(i, tokens=list(system), last_used=float(i)) for i in range(8)]
     slots[3].busy = True
-    sched = SimpleNamespace(slots=slots)
-    free = [s for s in slots if not s.busy]
     prompt = system + [7, 8, 9]
     # Next to the busy slot, not the least recently used (slot 0) far away.
-    assert Scheduler._pick_slot(sched, free, prompt).seq_id in (2, 4)
+    assert pick_slot(slots, prompt).seq_id in (2, 4)
     slots[5].busy = True  # busy 3 and 5: slot 4 joins them into one run
-    free = [s for s in slots if not s.busy]
-    assert Scheduler._pick_slot(sched, free, prompt).seq_id == 4
+    assert pick_slot(slots, prompt).seq_id == 4
     # A long cached conversation is worth the split: re-reading it would cost more than the gap.
     # (slot 4 would merge two runs, slot 0 start a third: two passes, 2 * FRAGMENT_TOKENS)
     slots[0].tokens = list(system) + list(range(2 * FRAGMENT_TOKENS + 50))
-    assert Scheduler._pick_slot(sched, free, slots[0].tokens + [1, 2]).seq_id == 0
+    assert pick_slot(slots, slots[0].tokens + [1, 2]).seq_id == 0
     # With nothing busy, the longest cached prefix wins as before (the next turn of a chat).
     for s in slots:
         s.busy = False
     slots[6].tokens = list(system) + [1, 1, 1]
-    assert Scheduler._pick_slot(sched, list(slots), system + [1] * 5).seq_id == 6
+    assert pick_slot(slots, system + [1] * 5).seq_id == 6
     # All else equal, the least recently used slot.
-    assert Scheduler._pick_slot(sched, list(slots), [5, 5]).seq_id == 0
+    assert pick_slot(slots, [5, 5]).seq_id == 0
