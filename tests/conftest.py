@@ -26,7 +26,9 @@ SLOW_FILES = {
     "tests/server/test_bench_scripts.py", "tests/server/test_concurrency.py", "tests/server/test_connections.py",
     "tests/server/test_fuzz.py", "tests/server/test_hostile.py", "tests/server/test_openai_client.py",
     "tests/server/test_seed_snippets.py", "tests/server/test_soak_script.py",
-    "tests/server/test_stall_probe_script.py", "tests/web/test_chat.py",
+    "tests/server/test_stall_probe_script.py", "tests/web/test_chat.py", "tests/web/test_reasoning.py",
+    "tests/server/test_tools.py", "tests/cli/test_chat_reasoning.py", "tests/engine/test_llama_server_tokens.py",
+    "tests/engine/test_logprobs.py",
 }
 
 
