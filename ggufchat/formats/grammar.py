@@ -45,6 +45,7 @@ if TYPE_CHECKING:
     from ggufchat.engine.grammar import GrammarLimits
 
 PARAM = "tools"
+MAX_PARALLEL_CALLS = 8  # calls one constrained reply may hold (parallel_tool_calls)
 PREFIX = "j-"  # the converter's rules, renamed
 ARGS_DEF = "ggufchat-args-"  # $defs/ggufchat-args-N: tool N's parameters
 
@@ -133,7 +134,8 @@ class _Rules:
         self.json = _schema_grammar(self.tools, self.key, limits)
 
     def _many(self, item: str, sep: str = "ws") -> str:
-        return f"{item} ({sep} {item})*" if self.parallel else item
+        # Bounded: small models under a forced grammar repeat the same call until max_tokens.
+        return f"{item} ({sep} {item}){{0,{MAX_PARALLEL_CALLS - 1}}}" if self.parallel else item
 
     def grammar(self, root: str) -> str:
         from ggufchat.engine import grammar as gbnf

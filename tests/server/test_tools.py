@@ -10,6 +10,7 @@ import jsonschema
 import openai
 import pytest
 
+from ggufchat.engine import Engine, LoadOptions
 from tests.server.conftest import post, serve
 
 WEATHER = {
@@ -187,3 +188,29 @@ def test_tools_on_a_template_without_tools(base_url):
     assert choice.finish_reason == "tool_calls"
     for call in choice.message.tool_calls:
         _check_call(call, WEATHER)
+
+
+def test_tools_on_gemma_through_the_generic_fallback(gemma_path):
+    """A second template family: Gemma's turns (no system role, strictly alternating user/model) with
+    the generic tool prompt folded into the first user turn, and a tool result in the history."""
+    engine = Engine(LoadOptions(model_path=gemma_path, n_seq_max=1, n_ctx=4096, seed=0), chat_template="gemma")
+    try:
+        with serve(engine, model_id="gemma") as url:
+            client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0)
+            reply = client.chat.completions.create(model="gemma", messages=ASK, tools=[WEATHER], temperature=0,
+                                                   tool_choice="required", parallel_tool_calls=False, max_tokens=80)
+            choice = reply.choices[0]
+            assert choice.finish_reason == "tool_calls"
+            (call,) = choice.message.tool_calls
+            _check_call(call, WEATHER)
+            history = ASK + [
+                {"role": "assistant", "content": None, "tool_calls": [call.model_dump(exclude_none=True)]},
+                {"role": "tool", "tool_call_id": call.id, "content": "18 C, sunny"},
+                {"role": "user", "content": "So, should I take an umbrella?"},
+            ]
+            answer = client.chat.completions.create(model="gemma", messages=history, tools=[WEATHER],
+                                                    tool_choice="none", temperature=0, max_tokens=30)
+            assert answer.choices[0].message.content
+            assert not answer.choices[0].message.tool_calls
+    finally:
+        engine.close()
