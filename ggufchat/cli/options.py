@@ -47,6 +47,16 @@ def _lower(value: str) -> str:
     return value.lower()
 
 
+# --spec, and llama.cpp's --spec-type spellings of the n-gram modes: all are one prompt-lookup drafter here.
+_SPEC_ALIASES = {"none": "none", "ngram": "ngram", "ngram-simple": "ngram", "ngram-mod": "ngram",
+                 "ngram-cache": "ngram"}
+
+
+def _spec(value: str) -> str:
+    value = value.lower()
+    return _SPEC_ALIASES.get(value, value)  # anything else: LoadOptions.validate names the choices
+
+
 def _rpc_endpoints(text: str | None) -> list[str]:
     # Imported when used: engine.rpc pulls in the device registry, which `--help` does not need.
     from ggufchat.engine.rpc import parse_endpoints
@@ -112,6 +122,9 @@ ENGINE_OPTIONS: tuple[EngineOption, ...] = (
     EngineOption("rpc_servers", ("--rpc",), str | None, None, "Split the model over `ggufchat rpc-worker`s: "
                  "host:port[,host:port...]. The RPC protocol has no authentication: private networks only.",
                  parse=_rpc_endpoints),
+    EngineOption("spec", ("--spec", "--spec-type"), str, "ngram", "Speculative decoding of greedy requests: "
+                 "ngram (draft from the prompt and output, verify in the batch; llama.cpp's ngram-simple and "
+                 "ngram-mod are accepted) or none.", parse=_spec),
     EngineOption("chat_template", ("--chat-template",), str | None, None, "Built-in template instead of the "
                  "model's: chatml, qwen, llama-3, llama-2, gemma, mistral, phi-3.", target="engine"),
     EngineOption("chat_template_file", ("--chat-template-file",), Path | None, None,

@@ -15,8 +15,9 @@ from typing import Any
 from ggufchat.engine import grammar as gbnf
 from ggufchat.engine.loader import LoadedModel, LoadOptions
 from ggufchat.engine.logprobs import MAX_TOP
-from ggufchat.engine.sampling import Sampler, make_sampler
+from ggufchat.engine.sampling import ArgmaxSampler, Sampler, make_sampler
 from ggufchat.engine.scheduler import LoopEmitter, Scheduler, Sequence
+from ggufchat.engine.speculative import NgramDrafter
 from ggufchat.engine.templates import ChatTemplate, Segment, tokenize_segments
 from ggufchat.engine.tokens import Tokenizer
 from ggufchat.engine.types import Delta, EngineStats, Event, Finish, GenerationRequest, Usage, Vocabulary
@@ -85,9 +86,10 @@ class Prepared:
     take long (a big prompt's ids, a grammar to compile), done on the caller's thread so that neither
     an event loop nor the engine thread waits for it. Submit it, or discard() it."""
 
-    def __init__(self, request: GenerationRequest, sampler: Sampler) -> None:
+    def __init__(self, request: GenerationRequest, sampler: Sampler, drafter: NgramDrafter | None = None) -> None:
         self.request = request
         self.sampler: Sampler | None = sampler
+        self.drafter = drafter  # the prompt indexed for n-gram drafts, when this request may speculate
 
     def take_sampler(self) -> Sampler:
         if self.sampler is None:
@@ -186,7 +188,8 @@ class Engine:
         metrics gauges read it on every request and scrape."""
         s = self.scheduler
         return EngineStats(active_sequences=s.active_count, queue_depth=s.queue_depth, steps=s.steps,
-                           decode_seconds=s.decode_seconds)
+                           decode_seconds=s.decode_seconds, drafted_tokens=s.drafted_tokens,
+                           accepted_tokens=s.accepted_tokens)
 
     @property
     def failure(self) -> BaseException | None:
@@ -305,13 +308,19 @@ class Engine:
             history=request.prompt_tokens,
             tokenizer=self.tokenizer,
         )
-        return Prepared(request, sampler)
+        # Speculation keeps greedy output exact by comparing the model's argmax with the draft: only
+        # plain greedy requests (ArgmaxSampler: no temperature, grammar or penalties) draft.
+        drafter = None
+        if self.options.spec == "ngram" and request.speculative and isinstance(sampler, ArgmaxSampler) \
+                and request.max_tokens != 0:
+            drafter = NgramDrafter(request.prompt_tokens)
+        return Prepared(request, sampler, drafter)
 
     def _sequence(self, request: GenerationRequest | Prepared, emit) -> Sequence:
         prepared = request if isinstance(request, Prepared) else self.prepare(request)
         req = prepared.request
         seq = Sequence(req, emit, Usage(prompt_tokens=len(req.prompt_tokens), t_submit=time.perf_counter()),
-                       sampler=prepared.take_sampler())
+                       sampler=prepared.take_sampler(), drafter=prepared.drafter)
         try:
             self.scheduler.submit(seq)
         except BaseException:

@@ -30,6 +30,7 @@ SPLIT_MODES = {
     "row": llama_cpp.LLAMA_SPLIT_MODE_ROW,
 }
 DEFAULT_CTX_PER_SEQ = 4096
+SPEC_TYPES = ("none", "ngram")  # --spec: speculative decoding (engine/speculative.py)
 logger = logging.getLogger(__name__)
 
 
@@ -61,6 +62,7 @@ class LoadOptions:
     main_gpu: int = 0
     rpc_servers: list[str] = field(default_factory=list)  # host:port of `ggufchat rpc-worker`s
     use_mmap: bool = True
+    spec: str = "ngram"  # speculative decoding for greedy requests: none or ngram (prompt lookup)
 
     def validate(self) -> None:
         if self.n_seq_max < 1 or self.n_seq_max > 256:
@@ -79,6 +81,8 @@ class LoadOptions:
         for name, value in (("--cache-type-k", self.cache_type_k), ("--cache-type-v", self.cache_type_v)):
             if value not in KV_TYPES:
                 raise InvalidParameter(f"{name} must be one of {', '.join(KV_TYPES)}, not {value!r}")
+        if self.spec not in SPEC_TYPES:
+            raise InvalidParameter(f"--spec must be one of {', '.join(SPEC_TYPES)}, not {self.spec!r}", param="spec")
         if self.split_mode not in SPLIT_MODES:
             raise InvalidParameter(f"--split-mode must be one of {', '.join(SPLIT_MODES)}")
         parse_gpu_layers(self.n_gpu_layers)

@@ -24,6 +24,7 @@ import llama_cpp
 from ggufchat.engine.loader import LoadedModel
 from ggufchat.engine.logprobs import next_token_logprobs, token_logprob
 from ggufchat.engine.sampling import LogitsRows, Sampler, logits_block
+from ggufchat.engine.speculative import NgramDrafter
 from ggufchat.engine.stops import StopMatcher
 from ggufchat.engine.tokens import Detokenizer, Tokenizer
 from ggufchat.engine.types import Delta, Event, Finish, GenerationRequest, Usage
@@ -56,6 +57,22 @@ FRAGMENT_TOKENS = 256
 # time on the engine thread, so a bounded chunk bounds how long one step holds the other sequences
 # (docs/benchmarks.md, costs behind design choices).
 PROMPT_LOGITS_CHUNK = 256
+
+
+# Speculation: the most draft tokens one step verifies, over all its sequences, on top of the sequences'
+# own next tokens. A drafted position costs compute; alone, a sequence's step is bound by reading the
+# weights and a few more positions ride along almost free, but each generating sequence already makes
+# the batch more compute-bound, so the room for drafts shrinks as they grow, to none once the batch
+# holds SPEC_STEP_TOKENS generating sequences (measurements: docs/benchmarks.md, speculation).
+SPEC_STEP_TOKENS = 16
+SPEC_SHARED_FULL = 4  # from this many generating sequences on, no drafts at all
+
+
+def draft_room(n_generating: int, n_batch: int) -> int:
+    """How many draft tokens a step with `n_generating` generating sequences may add."""
+    if n_generating >= SPEC_SHARED_FULL:
+        return 0
+    return max(0, min(SPEC_STEP_TOKENS - n_generating, n_batch - n_generating))
 
 
 def handoff_wait(decode_threads: int, cpus: int) -> float:
@@ -110,6 +127,8 @@ class Sequence:
     unsent_logprobs: list | None = None  # TokenLogprob of each id in `unsent`, if the request wants them
     prompt_logprobs: list | None = None  # collected chunk by chunk until the prompt is decoded, if wanted
     chunk_index: int = -1  # batch index of the first token of a prompt chunk that outputs every row
+    drafter: NgramDrafter | None = None  # greedy sequences that may speculate (speculative.py)
+    draft: list[int] = field(default_factory=list)  # drafted tokens after next_token in the current batch
 
 
 def common_prefix(a: list[int], b: list[int]) -> int:
@@ -163,6 +182,8 @@ class Scheduler:
         decode_threads = max(llama_cpp.llama_n_threads(ctx), llama_cpp.llama_n_threads_batch(ctx))
         self.handoff_wait = handoff_wait(decode_threads, available_cpus())
         self.steps = 0
+        self.drafted_tokens = 0  # speculation: tokens drafted and verified since the model was loaded
+        self.accepted_tokens = 0  # of those, the ones the model's greedy choice agreed with
         self.decode_seconds = 0.0  # time inside llama_decode: the rest of a step is our own overhead
         self.n_vocab = tokenizer.n_vocab
         self.rows = LogitsRows(tokenizer.n_vocab)  # logits rows for logprobs
@@ -312,12 +333,17 @@ class Scheduler:
 
     def _step(self, batch) -> None:
         n = 0
-        generating = any(s.next_token is not None for s in self._active)
+        n_generating = sum(s.next_token is not None for s in self._active)
+        generating = n_generating > 0
+        room = draft_room(n_generating, self.n_batch)
         for seq in self._active:
             seq.fed = 0
             seq.batch_index = -1
             if seq.next_token is not None:
-                n = self._add(batch, n, seq, [seq.next_token], logits_last=True)
+                draft = self._draft(seq, room) if room > 0 and seq.drafter is not None else []
+                room -= len(draft)
+                seq.draft = draft
+                n = self._add(batch, n, seq, [seq.next_token, *draft], logits_last=True, n_logits=1 + len(draft))
         budget_cap = self.n_chunk_shared if generating else self.n_batch
         for seq in self._active:
             if not seq.pending:
@@ -383,20 +409,22 @@ class Scheduler:
             return True
         return False
 
-    def _add(self, batch, n: int, seq: Sequence, tokens: list[int], logits_last: bool) -> int:
+    def _add(self, batch, n: int, seq: Sequence, tokens: list[int], logits_last: bool, n_logits: int = 1) -> int:
+        """Put `tokens` in the batch; with logits_last, ask for the logits of the last n_logits of them
+        (the next token and its draft) and point batch_index at the first of those rows."""
         pos = len(seq.slot.tokens)
         sid = seq.slot.seq_id
-        last = len(tokens) - 1
+        first_out = len(tokens) - n_logits if logits_last else len(tokens)
         for j, tok in enumerate(tokens):
             batch.token[n] = tok
             batch.pos[n] = pos + j
             batch.n_seq_id[n] = 1
             batch.seq_id[n][0] = sid
-            batch.logits[n] = logits_last and j == last
+            batch.logits[n] = j >= first_out
             n += 1
         seq.fed = len(tokens)
         if logits_last:
-            seq.batch_index = n - 1
+            seq.batch_index = n - n_logits
         return n
 
     def _add_all(self, batch, n: int, seq: Sequence, tokens: list[int], last: bool) -> int:
@@ -415,12 +443,50 @@ class Scheduler:
             seq.batch_index = n - 1
         return n
 
+    def _draft(self, seq: Sequence, room: int) -> list[int]:
+        """The tokens `seq` drafts after its next token this step: at most `room`, none past its
+        max_tokens or the end of its context."""
+        limit = room
+        req = seq.request
+        if req.max_tokens is not None:  # next_token is counted already; the draft adds len + 1 more
+            limit = min(limit, req.max_tokens - seq.usage.completion_tokens - 1)
+        # next_token takes position len(tokens); the last draft token must leave the last position free
+        limit = min(limit, self.n_ctx_seq - len(seq.slot.tokens) - 2)
+        return seq.drafter.draft(limit) if limit > 0 else []
+
     def _sample(self, seq: Sequence) -> None:
+        draft = seq.draft
+        if not draft:
+            self._sample_at(seq, seq.batch_index)
+            return
+        seq.draft = []
+        slot = seq.slot
+        kv_end = len(slot.tokens) + len(draft)  # next_token is in slot.tokens already, the draft is not
+        accepted = 0
+        for i in range(len(draft) + 1):
+            tok = self._sample_at(seq, seq.batch_index + i)
+            if tok is None or i == len(draft) or tok != draft[i]:
+                break  # finished, or the bonus token, or the model's correction: next_token either way
+            # The model chose the drafted token, whose KV this batch computed: keep it, read on.
+            seq.next_token = None
+            slot.tokens.append(tok)
+            accepted += 1
+        if len(slot.tokens) < kv_end:
+            llama_cpp.llama_memory_seq_rm(self.model.memory, slot.seq_id, len(slot.tokens), -1)
+        seq.usage.drafted_tokens += len(draft)
+        seq.usage.accepted_tokens += accepted
+        self.drafted_tokens += len(draft)
+        self.accepted_tokens += accepted
+        seq.drafter.update(len(draft), accepted)
+
+    def _sample_at(self, seq: Sequence, index: int) -> int | None:
+        """Sample from the logits row at batch `index`, emit, and return the token; None when the
+        sequence finished on it (end of generation, a stop string, max_tokens, its context)."""
         logprobs = seq.unsent_logprobs
         if logprobs is not None:
             # Read before the sampler runs: greedy writes -inf into the row for banned tokens.
-            raw = self.rows.row(self.model.ctx, seq.batch_index).copy()
-        tok = seq.sampler.sample(self.model.ctx, seq.batch_index)
+            raw = self.rows.row(self.model.ctx, index).copy()
+        tok = seq.sampler.sample(self.model.ctx, index)
         now = time.perf_counter()
         usage = seq.usage
         usage.completion_tokens += 1
@@ -429,7 +495,7 @@ class Scheduler:
         req = seq.request
         if tok in self._eog and not req.ignore_eos:
             self._finish(seq, "stop", eog_token=tok)
-            return
+            return None
         seq.unsent.append(tok)
         if logprobs is not None:
             logprobs.append(token_logprob(raw, tok, req.logprobs))
@@ -448,6 +514,10 @@ class Scheduler:
             self._finish(seq, "length")
         else:
             seq.next_token = tok
+            if seq.drafter is not None:
+                seq.drafter.push(tok)
+            return tok
+        return None
 
     def _emit(self, seq: Sequence, event: Event) -> None:
         emit = seq.emit

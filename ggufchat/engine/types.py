@@ -27,6 +27,9 @@ class GenerationRequest:
     # as lm-evaluation-harness's loglikelihood needs; delivered on one Delta before any generated token.
     # Such a request decodes its whole prompt: a cached prefix has KV but no logits to read.
     prompt_logprobs: int | None = None
+    # False: never speculate for this request (the server's "speculative": false). Only greedy requests
+    # (temperature 0, no grammar, no penalties) speculate at all, and only with the engine's --spec ngram.
+    speculative: bool = True
     id: int = field(default_factory=lambda: next(_ids))
 
 
@@ -35,6 +38,8 @@ class Usage:
     prompt_tokens: int = 0
     cached_tokens: int = 0  # prompt tokens whose KV was reused from an earlier request
     completion_tokens: int = 0
+    drafted_tokens: int = 0  # speculation: tokens drafted for this sequence and verified
+    accepted_tokens: int = 0  # of those, the ones the model agreed with (each saved a decode step)
     t_submit: float = 0.0  # time.perf_counter() values
     t_start: float = 0.0  # taken off the queue into a slot
     t_first_token: float = 0.0
@@ -97,6 +102,8 @@ class EngineStats:
     queue_depth: int = 0  # sequences waiting for a free slot
     steps: int = 0  # batches decoded since the model was loaded
     decode_seconds: float = 0.0  # time inside llama_decode since the model was loaded
+    drafted_tokens: int = 0  # speculation: tokens drafted and verified since the model was loaded
+    accepted_tokens: int = 0  # of those, the ones the model agreed with
 
 
 @dataclass(frozen=True)
