@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parent.parent
 # generations, real subprocesses, a browser or a hub download. `make test`, which CI runs, runs them all.
 SLOW_FILES = {
     "tests/cli/test_chat_cli.py", "tests/cli/test_chat_modes.py", "tests/cli/test_rpc.py",
-    "tests/engine/test_batching.py", "tests/engine/test_grammar.py",
+    "tests/engine/test_batching.py", "tests/engine/test_grammar.py", "tests/engine/test_speculative.py",
     "tests/models/test_concurrent_download.py", "tests/models/test_download.py", "tests/models/test_quantize.py",
     "tests/models/test_download_url.py", "tests/models/test_resume.py",
     "tests/server/test_bench_scripts.py", "tests/server/test_concurrency.py", "tests/server/test_connections.py",

@@ -58,7 +58,12 @@ class NgramDrafter:
                 continue
             at = index.get(tuple(h[size - n:]))
             if at is not None:
-                return h[at:at + limit]
+                draft = h[at:at + limit]
+                # A match close to the end runs into the draft itself: the text repeats with the period
+                # size - at (a list, a table row, a repeated phrase), so the draft continues it.
+                while len(draft) < limit:
+                    draft.append(draft[len(draft) - (size - at)])
+                return draft
         return []
 
     def draft(self, limit: int) -> list[int]:

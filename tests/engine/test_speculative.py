@@ -1,0 +1,227 @@
+"""Speculative decoding with n-gram drafts: greedy output is the same token for token with and without it."""
+
+from __future__ import annotations
+
+import pytest
+
+from ggufchat.cli.options import BY_NAME
+from ggufchat.engine import Engine, GenerationRequest, LoadOptions, SamplingParams
+from ggufchat.engine.scheduler import draft_room
+from ggufchat.engine.speculative import MAX_DRAFT, MIN_DRAFT, START_DRAFT, NgramDrafter
+from ggufchat.errors import InvalidParameter
+from tests.conftest import N_SEQ, chat
+from tests.engine.test_batching import PROMPTS
+
+CODE = "\n".join(f"def func_{i}(x):\n    return x * {i} + {i * 3}" for i in range(12))
+COPY_PROMPTS = [
+    f"Repeat this code exactly:\n{CODE}",
+    "Repeat after me: the quick brown fox jumps over the lazy dog. " * 3,
+    "List the numbers from 1 to 40, separated by commas.",
+    f"Here is a list: {', '.join(f'item {i}' for i in range(30))}. Write it again.",
+]
+
+
+def run(engine: Engine, prompt: list[int], *, speculative: bool, n: int | None = 120, **kw):
+    engine.clear_cache()
+    stream = engine.submit(GenerationRequest(prompt, SamplingParams.greedy(), max_tokens=n,
+                                             speculative=speculative, **kw))
+    tokens = stream.tokens()
+    return tokens, stream.finish
+
+
+# The drafter on its own.
+
+def test_lookup_takes_what_followed_the_most_recent_earlier_occurrence():
+    d = NgramDrafter([1, 2, 3, 9, 1, 2, 3, 7, 8, 5, 1, 2, 3])
+    assert d.lookup(3) == [7, 8, 5]  # the occurrence at 4..6 is more recent than the one at 0..2
+    d.push(7)
+    assert d.lookup(2) == [8, 5]
+
+
+def test_lookup_falls_back_to_shorter_ngrams_and_finds_nothing_new():
+    d = NgramDrafter([5, 6, 7, 8, 6, 7])  # "6 7" occurred before, followed by 8
+    assert d.lookup(4) == [8, 6, 7, 8]  # the repeat continues into the draft
+    assert NgramDrafter([1, 2, 3, 4]).lookup(4) == []
+    assert NgramDrafter([]).lookup(4) == []
+
+
+def test_draft_length_follows_acceptance():
+    d = NgramDrafter([1, 2, 1, 2, 1, 2, 1, 2] * 10)
+    assert d.max_len == START_DRAFT
+    assert len(d.draft(100)) == START_DRAFT
+    d.update(START_DRAFT, START_DRAFT)  # fully accepted: grows
+    assert d.max_len == 2 * START_DRAFT
+    for _ in range(10):
+        d.update(d.max_len, d.max_len)
+    assert d.max_len == MAX_DRAFT
+    assert len(d.draft(3)) == 3  # the scheduler's cap wins
+    d.update(8, 3)  # partly: what was accepted, plus one
+    assert d.max_len == 4
+    d.update(4, 0)
+    assert d.max_len == MIN_DRAFT and d.draft(100)  # one miss: no pause yet
+    d.update(2, 0)
+    assert [d.draft(100) for _ in range(3)] == [[], [], []]  # two misses in a row: a pause
+    assert d.draft(100)
+
+
+def test_no_drafts_once_the_batch_is_busy():
+    assert draft_room(1, 2048) > 0
+    assert draft_room(8, 2048) == 0
+    assert draft_room(1, 1) == 0
+
+
+def test_spec_flag_takes_llama_cpp_spellings():
+    parse = BY_NAME["spec"].parse
+    assert [parse(v) for v in ("none", "ngram", "ngram-simple", "NGRAM-MOD")] == ["none", "ngram", "ngram", "ngram"]
+    assert "--spec-type" in BY_NAME["spec"].flags
+    with pytest.raises(InvalidParameter, match="--spec"):
+        LoadOptions(model_path="x", spec=parse("draft-simple")).validate()
+
+
+# Exactness on the real model.
+
+def test_speculation_drafts_and_keeps_greedy_output(fresh: Engine):
+    drafted = accepted = 0
+    for text in COPY_PROMPTS + PROMPTS[:4]:
+        prompt = chat(fresh, text)
+        plain, f0 = run(fresh, prompt, speculative=False, n=64)
+        spec, f1 = run(fresh, prompt, speculative=True, n=64)
+        assert spec == plain, text
+        assert (f1.reason, f1.usage.completion_tokens) == (f0.reason, f0.usage.completion_tokens)
+        assert f0.usage.drafted_tokens == 0
+        assert f1.usage.accepted_tokens <= f1.usage.drafted_tokens
+        drafted += f1.usage.drafted_tokens
+        accepted += f1.usage.accepted_tokens
+    assert accepted > 30 and drafted > accepted
+    stats = fresh.stats()
+    assert stats.accepted_tokens >= accepted and stats.drafted_tokens >= drafted
+
+
+def test_eight_concurrent_speculating_sequences_equal_sequential(fresh: Engine):
+    prompts = [chat(fresh, p) for p in (COPY_PROMPTS + PROMPTS)[:N_SEQ]]
+    alone = [run(fresh, p, speculative=False, n=40)[0] for p in prompts]
+    fresh.clear_cache()
+    streams = [fresh.submit(GenerationRequest(p, SamplingParams.greedy(), max_tokens=40)) for p in prompts]
+    assert [s.tokens() for s in streams] == alone
+    # Mixed: half of them opt out, and two join while the others are generating.
+    fresh.clear_cache()
+    streams = [fresh.submit(GenerationRequest(p, SamplingParams.greedy(), max_tokens=40, speculative=i % 2 == 0))
+               for i, p in enumerate(prompts[:6])]
+    head = next(iter(streams[0])).token_ids  # the first six are generating
+    streams += [fresh.submit(GenerationRequest(p, SamplingParams.greedy(), max_tokens=40)) for p in prompts[6:]]
+    assert [head + streams[0].tokens()] + [s.tokens() for s in streams[1:]] == alone
+    assert all(s.finish.usage.drafted_tokens == 0 for s in streams[1:6:2])
+
+
+def test_one_speculating_sequence_among_sampled_ones(fresh: Engine):
+    prompt = chat(fresh, COPY_PROMPTS[0])
+    plain, _ = run(fresh, prompt, speculative=False, n=100)
+    fresh.clear_cache()
+    sampled = [fresh.submit(GenerationRequest(chat(fresh, p), SamplingParams(temperature=0.9, seed=1),
+                                              max_tokens=60)) for p in PROMPTS[:2]]
+    greedy = fresh.submit(GenerationRequest(prompt, SamplingParams.greedy(), max_tokens=100))
+    assert greedy.tokens() == plain
+    for s in sampled:
+        s.tokens()
+        assert s.finish.usage.drafted_tokens == 0  # sampled requests never speculate
+    assert greedy.finish.usage.accepted_tokens > 0
+
+
+def test_max_tokens_and_stop_strings_cut_inside_drafts(fresh: Engine):
+    prompt = chat(fresh, COPY_PROMPTS[0])
+    full, _ = run(fresh, prompt, speculative=False, n=100)
+    text = fresh.detokenize(full)
+    cut_inside = 0
+    for n in range(3, 100, 9):
+        spec, finish = run(fresh, prompt, speculative=True, n=n)
+        assert spec == full[:n]
+        assert finish.reason == "length" and finish.usage.completion_tokens == n
+        cut_inside += finish.usage.drafted_tokens > 0
+    assert cut_inside > 6
+    for at in range(20, len(text) - 10, 61):
+        stop = text[at:at + 6]
+        if not stop.strip() or text.find(stop) != at:
+            continue
+        fresh.clear_cache()
+        plain = fresh.submit(GenerationRequest(prompt, SamplingParams.greedy(), max_tokens=100, stop=[stop],
+                                               speculative=False))
+        want = plain.text()
+        fresh.clear_cache()
+        spec = fresh.submit(GenerationRequest(prompt, SamplingParams.greedy(), max_tokens=100, stop=[stop]))
+        assert spec.text() == want == text[:at]
+        assert spec.finish.reason == plain.finish.reason == "stop"
+        assert spec.finish.usage.completion_tokens == plain.finish.usage.completion_tokens
+
+
+def test_the_cache_after_a_rejected_draft_serves_the_next_turn(fresh: Engine):
+    # A slot's tokens must equal its KV after drafts are cut back: the next turn reuses them.
+    prompt = chat(fresh, COPY_PROMPTS[1])
+    first, _ = run(fresh, prompt, speculative=True, n=60)
+    follow = prompt + first + chat(fresh, "Again, please.")[1:]
+    fresh.clear_cache()
+    cold = fresh.submit(GenerationRequest(follow, SamplingParams.greedy(), max_tokens=60, speculative=False)).tokens()
+    fresh.clear_cache()
+    fresh.submit(GenerationRequest(prompt, SamplingParams.greedy(), max_tokens=60)).tokens()
+    warm = fresh.submit(GenerationRequest(follow, SamplingParams.greedy(), max_tokens=60))
+    assert warm.tokens() == cold
+    assert warm.finish.usage.cached_tokens > len(prompt)
+
+
+def test_logprobs_with_speculation(fresh: Engine):
+    prompt = chat(fresh, COPY_PROMPTS[0])
+
+    def logprobs(speculative: bool):
+        fresh.clear_cache()
+        stream = fresh.submit(GenerationRequest(prompt, SamplingParams.greedy(), max_tokens=80, logprobs=2,
+                                                speculative=speculative))
+        rows = [(lp.token, round(lp.logprob, 4), [t for t, _ in lp.top]) for e in stream
+                if getattr(e, "logprobs", None) for lp in e.logprobs]
+        return rows, stream.finish
+
+    plain, _ = logprobs(False)
+    spec, finish = logprobs(True)
+    assert spec == plain and len(spec) == 80
+    assert finish.usage.accepted_tokens > 0
+
+
+def test_context_end_with_speculation(engine: Engine):
+    eng = Engine(LoadOptions(model_path=engine.model_path, n_seq_max=1, n_ctx=512, seed=0))
+    try:
+        prompt = chat(eng, COPY_PROMPTS[2])
+        plain, f0 = run(eng, prompt, speculative=False, n=None, ignore_eos=True)
+        spec, f1 = run(eng, prompt, speculative=True, n=None, ignore_eos=True)
+        assert spec == plain and f1.reason == f0.reason == "length"
+        assert len(prompt) + len(spec) == eng.n_ctx_seq
+        assert f1.usage.accepted_tokens > 0
+    finally:
+        eng.close()
+
+
+def test_spec_none_never_drafts(model_path):
+    with Engine(LoadOptions(model_path=model_path, n_seq_max=1, n_ctx=2048, seed=0, spec="none")) as eng:
+        tokens, finish = run(eng, chat(eng, COPY_PROMPTS[0]), speculative=True, n=60)
+        assert len(tokens) == 60 and finish.usage.drafted_tokens == 0
+
+
+@pytest.mark.parametrize("task", ["rename"])
+def test_qwen_edit_task_copies_its_input_exactly(qwen_engine: Engine, task: str):
+    import sys
+
+    from tests.conftest import ROOT
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        from bench_spec import edit_prompt
+    finally:
+        sys.path.remove(str(ROOT / "scripts"))
+    for seed in (1,):
+        text, _ = edit_prompt(seed)
+        prompt = qwen_engine.chat_tokens([{"role": "user", "content": text}])
+        plain, f0 = run(qwen_engine, prompt, speculative=False, n=250)
+        spec, f1 = run(qwen_engine, prompt, speculative=True, n=250)
+        assert spec == plain
+        assert f1.usage.accepted_tokens > 0.5 * len(spec)
+        # Alongside another sequence of the same task: the same output.
+        qwen_engine.clear_cache()
+        streams = [qwen_engine.submit(GenerationRequest(prompt, SamplingParams.greedy(), max_tokens=250))
+                   for _ in range(2)]
+        assert all(s.tokens() == plain for s in streams)
