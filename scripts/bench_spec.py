@@ -61,7 +61,7 @@ def edit_prompt(seed: int) -> tuple[str, int]:
     old = f"{verbs[0]}_{nouns[0]}_total"
     new = f"{verbs[1]}_{nouns[0]}_sum"
     k = rng.randint(2, 9)
-    lines = ['"""Helpers for the %s module."""' % nouns[1], "", "import math", "from dataclasses import dataclass",
+    lines = ['"""Helpers for the ' + nouns[1] + ' module."""', "", "import math", "from dataclasses import dataclass",
              "", "", "@dataclass", f"class {nouns[2].title()}:", "    name: str", "    price: float",
              "    quantity: int = 1", "", "", f"def {old}(items):", f'    """The total of {nouns[0]} items."""',
              "    total = 0.0", "    for item in items:", "        total += item.price * item.quantity",
