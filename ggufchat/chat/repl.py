@@ -69,9 +69,10 @@ class Style:
 
 def format_stats(finish: Finish) -> str:
     u = finish.usage
+    spec = (f", {u.accepted_tokens}/{u.drafted_tokens} drafted tokens accepted" if u.drafted_tokens else "")
     return (f"[prompt {u.prompt_tokens} tokens ({u.cached_tokens} cached), "
             f"time to first token {u.time_to_first_token * 1000:.0f} ms, "
-            f"{u.completion_tokens} tokens at {u.decode_tokens_per_second:.1f} tokens/s, {finish.reason}]")
+            f"{u.completion_tokens} tokens at {u.decode_tokens_per_second:.1f} tokens/s{spec}, {finish.reason}]")
 
 
 def output_format(engine: Engine, convo: Conversation, cfg: ChatConfig) -> formats.OutputFormat | None:

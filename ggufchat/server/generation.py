@@ -154,6 +154,9 @@ class Generation:
         usage = finish.usage
         m.finished.labels(finish.reason).inc()
         m.generated_tokens.inc(usage.completion_tokens)
+        if usage.drafted_tokens:
+            m.draft_tokens.inc(usage.drafted_tokens)
+            m.draft_accepted.inc(usage.accepted_tokens)
         if index == 0:  # the n choices share one prompt
             m.prompt_tokens.inc(usage.prompt_tokens)
             m.cached_tokens.inc(usage.cached_tokens)

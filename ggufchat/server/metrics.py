@@ -35,6 +35,10 @@ class Metrics:
         self.cached_tokens = Counter("ggufchat_prompt_tokens_cached",
                                      "Prompt tokens whose KV was reused, not recomputed.", registry=r)
         self.generated_tokens = Counter("ggufchat_generated_tokens", "Tokens generated.", registry=r)
+        self.draft_tokens = Counter("ggufchat_draft_tokens", "Speculation: tokens drafted and verified.",
+                                    registry=r)
+        self.draft_accepted = Counter("ggufchat_draft_accepted_tokens",
+                                      "Speculation: drafted tokens the model agreed with.", registry=r)
         self.finished = Counter("ggufchat_sequences_finished", "Sequences by finish reason.", ["reason"],
                                 registry=r)
         self.cancelled = Counter("ggufchat_sequences_cancelled",
