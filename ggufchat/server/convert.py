@@ -222,7 +222,8 @@ def _fan_out(req: _Sampling, prompt_tokens: list[int], max_tokens: int | None, g
         sampling.grammar_param = grammar_param
         requests.append(GenerationRequest(prompt_tokens=list(prompt_tokens), sampling=sampling,
                                           max_tokens=max_tokens, stop=stops, ignore_eos=req.ignore_eos,
-                                          logprobs=logprobs, prompt_logprobs=prompt_logprobs))
+                                          logprobs=logprobs, prompt_logprobs=prompt_logprobs,
+                                          speculative=req.speculative))
     return requests
 
 

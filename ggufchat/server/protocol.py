@@ -124,6 +124,7 @@ class _Sampling(_Wire):
     min_p: float | None = Field(default=None, ge=0, le=1)
     repeat_penalty: float | None = Field(default=None, gt=0)
     ignore_eos: bool = False
+    speculative: bool = True  # false: this request never speculates (greedy requests draft by default)
 
 
 class ChatCompletionRequest(_Sampling):
