@@ -122,9 +122,9 @@ ENGINE_OPTIONS: tuple[EngineOption, ...] = (
     EngineOption("rpc_servers", ("--rpc",), str | None, None, "Split the model over `ggufchat rpc-worker`s: "
                  "host:port[,host:port...]. The RPC protocol has no authentication: private networks only.",
                  parse=_rpc_endpoints),
-    EngineOption("spec", ("--spec", "--spec-type"), str, "ngram", "Speculative decoding of greedy requests: "
+    EngineOption("spec", ("--spec", "--spec-type"), str, "none", "Speculative decoding of greedy requests: "
                  "ngram (draft from the prompt and output, verify in the batch; llama.cpp's ngram-simple and "
-                 "ngram-mod are accepted) or none.", parse=_spec),
+                 "ngram-mod are accepted; experimental) or none.", parse=_spec),
     EngineOption("chat_template", ("--chat-template",), str | None, None, "Built-in template instead of the "
                  "model's: chatml, qwen, llama-3, llama-2, gemma, mistral, phi-3.", target="engine"),
     EngineOption("chat_template_file", ("--chat-template-file",), Path | None, None,

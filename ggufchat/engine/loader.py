@@ -62,7 +62,7 @@ class LoadOptions:
     main_gpu: int = 0
     rpc_servers: list[str] = field(default_factory=list)  # host:port of `ggufchat rpc-worker`s
     use_mmap: bool = True
-    spec: str = "ngram"  # speculative decoding for greedy requests: none or ngram (prompt lookup)
+    spec: str = "none"  # speculative decoding for greedy requests: none or ngram (prompt lookup)
 
     def validate(self) -> None:
         if self.n_seq_max < 1 or self.n_seq_max > 256:

@@ -21,6 +21,25 @@ COPY_PROMPTS = [
 ]
 
 
+@pytest.fixture(scope="module")
+def spec_engine(model_path):
+    """The shared test engine's shape with --spec ngram (speculation is opt-in)."""
+    with Engine(LoadOptions(model_path=model_path, n_seq_max=N_SEQ, n_ctx=2048 * N_SEQ, seed=0, spec="ngram")) as eng:
+        yield eng
+
+
+@pytest.fixture
+def fresh(spec_engine: Engine) -> Engine:
+    spec_engine.clear_cache()
+    return spec_engine
+
+
+@pytest.fixture(scope="module")
+def qwen_spec(qwen_path):
+    with Engine(LoadOptions(model_path=qwen_path, n_seq_max=2, n_ctx=4096 * 2, seed=0, spec="ngram")) as eng:
+        yield eng
+
+
 def run(engine: Engine, prompt: list[int], *, speculative: bool, n: int | None = 120, **kw):
     engine.clear_cache()
     stream = engine.submit(GenerationRequest(prompt, SamplingParams.greedy(), max_tokens=n,
@@ -190,7 +209,7 @@ def test_logprobs_with_speculation(fresh: Engine):
 
 
 def test_context_end_with_speculation(engine: Engine):
-    eng = Engine(LoadOptions(model_path=engine.model_path, n_seq_max=1, n_ctx=512, seed=0))
+    eng = Engine(LoadOptions(model_path=engine.model_path, n_seq_max=1, n_ctx=512, seed=0, spec="ngram"))
     try:
         prompt = chat(eng, COPY_PROMPTS[2])
         plain, f0 = run(eng, prompt, speculative=False, n=None, ignore_eos=True)
@@ -209,7 +228,7 @@ def test_spec_none_never_drafts(model_path):
 
 
 @pytest.mark.parametrize("task", ["rename"])
-def test_qwen_edit_task_copies_its_input_exactly(qwen_engine: Engine, task: str):
+def test_qwen_edit_task_copies_its_input_exactly(qwen_spec: Engine, task: str):
     import sys
 
     from tests.conftest import ROOT
@@ -220,13 +239,13 @@ def test_qwen_edit_task_copies_its_input_exactly(qwen_engine: Engine, task: str)
         sys.path.remove(str(ROOT / "scripts"))
     for seed in (1,):
         text, _ = edit_prompt(seed)
-        prompt = qwen_engine.chat_tokens([{"role": "user", "content": text}])
-        qwen_engine.clear_cache()
-        stream = qwen_engine.submit(GenerationRequest(prompt, SamplingParams.greedy(), max_tokens=250, logprobs=2,
+        prompt = qwen_spec.chat_tokens([{"role": "user", "content": text}])
+        qwen_spec.clear_cache()
+        stream = qwen_spec.submit(GenerationRequest(prompt, SamplingParams.greedy(), max_tokens=250, logprobs=2,
                                                       speculative=False))
         rows = [lp for e in stream if getattr(e, "logprobs", None) for lp in e.logprobs]
         plain = [lp.token for lp in rows]
-        spec, f1 = run(qwen_engine, prompt, speculative=True, n=250)
+        spec, f1 = run(qwen_spec, prompt, speculative=True, n=250)
         assert f1.usage.accepted_tokens > 0.5 * len(spec)
         # Token for token the same, except where the model's two best tokens are a numerical tie: the
         # verify batch's last-bit rounding differs from one-token decoding (see test_logprobs_with_speculation),
