@@ -22,6 +22,7 @@ import requests
 
 ROOT = Path(__file__).resolve().parents[2]
 NGINX_CONF = ROOT / "deploy" / "nginx" / "ggufchat.conf"
+NGINX_REPLICAS = ROOT / "deploy" / "nginx" / "ggufchat-replicas.conf"
 
 
 def free_port() -> int:
@@ -102,31 +103,19 @@ def replicas(tmp: Path, n: int, *args: str) -> Iterator[list[Replica]]:
 
 
 def nginx_config(ports: list[int], listen: int, workdir: Path) -> Path:
-    """The shipped deploy/nginx/ggufchat.conf with only its upstream servers and its listen port
-    replaced, wrapped in the main context a test needs (its own pid, logs and temp paths)."""
-    shipped = NGINX_CONF.read_text()
-
-    def servers(block: re.Match) -> str:
-        lines = block.group(0).splitlines(keepends=True)
-        first = next(line for line in lines if line.strip().startswith("server "))
-        params = first.strip().removesuffix(";").split(None, 2)[2:]  # "max_fails=... fail_timeout=..."
-        indent = first[: len(first) - len(first.lstrip())]
-        ours = "".join(f"{indent}server 127.0.0.1:{p}{(' ' + params[0]) if params else ''};\n" for p in ports)
-        out, done = [], False
-        for line in lines:
-            if line.strip().startswith("server "):
-                if not done:
-                    out.append(ours)
-                    done = True
-                continue
-            out.append(line)
-        return "".join(out)
-
-    conf, n_upstreams = re.subn(r"upstream \w+ \{.*?\n\}", servers, shipped, flags=re.S)
-    assert n_upstreams == 2, "the shipped config should have its two upstreams"
-    conf, n_listen = re.subn(r"^(\s*)listen \S+;", rf"\1listen 127.0.0.1:{listen};", conf, flags=re.M)
+    """The shipped deploy/nginx/ggufchat.conf with only its listen port replaced, its replica list (the
+    shipped example's `server` lines, addresses swapped for ours) beside it, wrapped in the main context
+    a test needs (its own pid, logs and temp paths)."""
+    conf, n_listen = re.subn(r"^(\s*)listen \S+;", rf"\1listen 127.0.0.1:{listen};", NGINX_CONF.read_text(),
+                             flags=re.M)
     assert n_listen == 1
     (workdir / "ggufchat.conf").write_text(conf)
+    example = [line for line in NGINX_REPLICAS.read_text().splitlines() if line.startswith("server ")]
+    assert example, "the shipped replica list has no server line"
+    params = example[0].removesuffix(";").split()[2:]  # max_fails=... fail_timeout=...
+    # Read from the configuration folder (the main file's), as /etc/nginx/ggufchat-replicas.conf is.
+    (workdir / "ggufchat-replicas.conf").write_text(
+        "".join(f"server 127.0.0.1:{p} {' '.join(params)};\n" for p in ports))
     for sub in ("logs", "tmp"):
         (workdir / sub).mkdir(exist_ok=True)
     main = f"""

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import signal
 import threading
 import time
 from dataclasses import dataclass
@@ -14,7 +13,6 @@ from ggufchat.engine import EngineStats
 from ggufchat.server.app import create_app
 from ggufchat.server.lifecycle import ServerConfig
 from tests.conftest import wait_for
-from tests.deploy.cluster import Replica, stream_chat
 from tests.server.conftest import metric, running
 from tests.server.test_lifecycle import _factory
 
@@ -82,27 +80,3 @@ def test_a_wedged_engine_is_not_live_and_one_making_progress_is():
         stuck.stats_now = EngineStats(steps=51)  # idle: no work, no steps, nothing wrong
         time.sleep(0.7)
         assert requests.get(url + "/health/live", timeout=5).status_code == 200
-
-
-def test_serve_drains_on_sigterm_then_exits(tmp_path):
-    """The real process: a stream in flight at SIGTERM finishes, meanwhile the replica is not ready and
-    turns new requests away with 503 + Retry-After, then it exits by itself."""
-    replica = Replica(tmp_path, "serve", "-np", "2", "-t", "1", "--drain-timeout", "30")
-    try:
-        replica.wait_ready()
-        result = {}
-        stream = threading.Thread(target=lambda: result.update(o=stream_chat(replica.url, "long", max_tokens=150)))
-        stream.start()
-        assert wait_for(lambda: replica.metric("ggufchat_active_sequences") == 1, 30)
-        replica.proc.send_signal(signal.SIGTERM)
-        assert wait_for(lambda: requests.get(replica.url + "/health/ready", timeout=5).status_code == 503, 5)
-        r = requests.post(replica.url + "/v1/chat/completions", json=CHAT, timeout=10)
-        assert r.status_code == 503 and r.headers["Retry-After"] == "1"
-        assert replica.proc.poll() is None  # still draining: the stream is running
-        stream.join(60)
-        assert result["o"].ok and result["o"].finish_reason == "length", result["o"].error
-        replica.proc.wait(15)
-        assert "draining: 1 request(s) in flight" in replica.log()
-        assert "Traceback" not in replica.log()
-    finally:
-        replica.stop()
