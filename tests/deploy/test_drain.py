@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import signal
 import threading
+import time
 
 import requests
 
@@ -33,5 +34,30 @@ def test_serve_drains_on_sigterm_then_exits(tmp_path):
         replica.proc.wait(15)
         assert "draining: 1 request(s) in flight" in replica.log()
         assert "Traceback" not in replica.log()
+    finally:
+        replica.stop()
+
+
+def test_a_drain_that_runs_past_drain_timeout_ends_and_the_process_exits(tmp_path):
+    """--drain-timeout bounds the drain: a stream longer than it is cut, and the process exits within
+    the timeout plus uvicorn's last 5 s (what terminationGracePeriodSeconds is sized by)."""
+    replica = Replica(tmp_path, "serve", "-np", "1", "-t", "1", "--drain-timeout", "1")
+    try:
+        replica.wait_ready()
+        result = {}
+        stream = threading.Thread(target=lambda: result.update(o=stream_chat(replica.url, "endless",
+                                                                               max_tokens=3000)))
+        stream.start()
+        assert wait_for(lambda: replica.metric("ggufchat_active_sequences") == 1, 30)
+        t0 = time.monotonic()
+        replica.proc.send_signal(signal.SIGTERM)
+        replica.proc.wait(30)
+        took = time.monotonic() - t0
+        stream.join(30)
+        assert took < 1 + 5 + 3, took
+        assert not result["o"].ok  # cut, not finished: 3000 tokens take far longer
+        # (uvicorn then cancels the request's task and logs its CancelledError; nothing else failed.)
+        assert "timeout graceful shutdown exceeded" in replica.log()
+        print(f"\n--drain-timeout 1 with a stream in flight: exited {took:.1f} s after SIGTERM")
     finally:
         replica.stop()

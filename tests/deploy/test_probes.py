@@ -9,14 +9,21 @@ from dataclasses import dataclass
 
 import requests
 
-from ggufchat.engine import EngineStats
+from ggufchat.engine import Engine, EngineStats, LoadOptions
 from ggufchat.server.app import create_app
 from ggufchat.server.lifecycle import ServerConfig
 from tests.conftest import wait_for
 from tests.server.conftest import metric, running
-from tests.server.test_lifecycle import _factory
 
 CHAT = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+
+
+def _factory(model_path, gate: threading.Event):
+    """Loads the model once the gate opens: the server is 'loading' until then."""
+    def load() -> Engine:
+        gate.wait(30)
+        return Engine(LoadOptions(model_path=model_path, n_seq_max=2, n_ctx=2048))
+    return load
 
 
 def test_loading_is_not_ready_but_live_then_both(model_path):
