@@ -100,11 +100,11 @@ class ModelHolder:
         self._lock = asyncio.Lock()
         self._idle_task: asyncio.Task | None = None
         self._load_task: asyncio.Task | None = None
+        self.draining_since: float | None = None  # monotonic time of the SIGTERM, None while serving
+        self._progress = (-1, time.monotonic())  # (engine steps last seen, when they last moved)
         # Preparing a request (template, tokenizing, a grammar) runs here, never on the event loop.
         # As many threads as the default executor: tokenizing releases the GIL, and one big request
         # must not make the small ones behind it wait.
-        self.draining_since: float | None = None  # monotonic time of the SIGTERM, None while serving
-        self._progress = (-1, time.monotonic())  # (engine steps last seen, when they last moved)
         self._pool = ThreadPoolExecutor(max_workers=min(32, available_cpus() + 4),
                                         thread_name_prefix="ggufchat-prepare")
         metrics.model_loaded.set(1 if engine is not None else 0)

@@ -87,3 +87,14 @@ def test_a_wedged_engine_is_not_live_and_one_making_progress_is():
         stuck.stats_now = EngineStats(steps=51)  # idle: no work, no steps, nothing wrong
         time.sleep(0.7)
         assert requests.get(url + "/health/live", timeout=5).status_code == 200
+
+
+def test_an_engine_whose_thread_died_is_neither_live_nor_ready():
+    dead = _StuckEngine(EngineStats(steps=7), failure=RuntimeError("llama_decode returned -3"))
+    app = create_app(ServerConfig(model_id="m"), engine=dead)  # type: ignore[arg-type]
+    with running(app) as url:
+        r = requests.get(url + "/health/live", timeout=5)
+        assert r.status_code == 503 and r.json()["error"]["code"] == "engine_failed"
+        assert "llama_decode returned -3" in r.json()["error"]["message"]
+        r = requests.get(url + "/health/ready", timeout=5)
+        assert r.status_code == 503 and r.json()["status"] == "failed"

@@ -63,12 +63,13 @@ async def live(srv: ServerState = Depends(server_state)):
     why = srv.holder.not_live()
     if why is None:
         return {"status": "live"}
-    return JSONResponse({**error_body(why, "server_error", code="engine_wedged"), "status": "wedged"},
+    status = "failed" if srv.holder.state == "failed" else "wedged"
+    return JSONResponse({**error_body(why, "server_error", code="engine_" + status), "status": status},
                         status_code=503)
 
 
 def _unavailable(message: str, status: str) -> JSONResponse:
-    body = error_body(message, "server_error", code="model_" + status if status != "draining" else status)
+    body = error_body(message, "server_error", code=status if status == "draining" else "model_" + status)
     return JSONResponse({**body, "status": status}, status_code=503, headers={"Retry-After": "1"})
 
 
