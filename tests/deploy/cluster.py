@@ -262,6 +262,7 @@ class Load:
     url: str
     clients: int
     max_tokens: int = 32
+    headers: dict | None = None
     outcomes: list[Outcome] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -275,7 +276,7 @@ class Load:
             with self._lock:
                 self._seq += 1
                 test_id = f"c{i}-{self._seq}"
-            outcome = stream_chat(self.url, test_id, max_tokens=self.max_tokens)
+            outcome = stream_chat(self.url, test_id, max_tokens=self.max_tokens, headers=self.headers)
             with self._lock:
                 self.outcomes.append(outcome)
 

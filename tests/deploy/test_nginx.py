@@ -68,7 +68,7 @@ def test_sigkill_fails_only_the_requests_it_held_and_new_ones_succeed_at_once(tm
             t_kill = time.monotonic()
             victim.proc.kill()
             victim.proc.wait(10)
-            assert wait_for(lambda: len([o for o in load.outcomes if o.started > t_kill]) >= 2 * CLIENTS, 60)
+            assert wait_for(lambda: len([o for o in load.outcomes if o.started > t_kill]) >= CLIENTS, 60)
         for o in load.outcomes:  # every line is in
             lb.served_by(o.test_id)
         log = lb.access_log()
