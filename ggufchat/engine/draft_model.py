@@ -124,7 +124,7 @@ class DraftModel:
         live: list[tuple[int, int]] = []  # (sequence id, batch index of its logits) of those drafting
         n = 0
         room = self.model.n_batch
-        for sid, context, limit in wants:
+        for sid, context, _ in wants:
             held = self.tokens[sid]
             keep = _common_prefix(held, context)
             if keep == len(context):

@@ -13,11 +13,11 @@ from pathlib import Path
 from typing import Any
 
 from ggufchat.engine import grammar as gbnf
+from ggufchat.engine.draft_model import load_draft
 from ggufchat.engine.loader import LoadedModel, LoadOptions
 from ggufchat.engine.logprobs import MAX_TOP
 from ggufchat.engine.sampling import ArgmaxSampler, Sampler, make_sampler
 from ggufchat.engine.scheduler import LoopEmitter, Scheduler, Sequence
-from ggufchat.engine.draft_model import load_draft
 from ggufchat.engine.speculative import DraftState, NgramDrafter
 from ggufchat.engine.templates import ChatTemplate, Segment, tokenize_segments
 from ggufchat.engine.tokens import Tokenizer

@@ -21,10 +21,10 @@ from dataclasses import dataclass, field
 
 import llama_cpp
 
+from ggufchat.engine.draft_model import DraftModel
 from ggufchat.engine.loader import LoadedModel
 from ggufchat.engine.logprobs import next_token_logprobs, token_logprob
 from ggufchat.engine.sampling import LogitsRows, Sampler, logits_block
-from ggufchat.engine.draft_model import DraftModel
 from ggufchat.engine.speculative import DraftState, NgramDrafter, StepCosts
 from ggufchat.engine.stops import StopMatcher
 from ggufchat.engine.tokens import Detokenizer, Tokenizer

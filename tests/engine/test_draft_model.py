@@ -13,7 +13,13 @@ import pytest
 from ggufchat.engine import Engine, GenerationRequest, LoadOptions, SamplingParams
 from ggufchat.engine.draft_model import CATCH_UP_CHUNK
 from ggufchat.engine.speculative import (
-    MAX_PROBE_EVERY, PROBE_EVERY, PROBE_LEN, DraftState, StepCosts, best_draft_len, expected_tokens,
+    MAX_PROBE_EVERY,
+    PROBE_EVERY,
+    PROBE_LEN,
+    DraftState,
+    StepCosts,
+    best_draft_len,
+    expected_tokens,
 )
 from ggufchat.errors import InvalidParameter, ModelLoadError
 from tests.conftest import N_SEQ, chat, run_cli
