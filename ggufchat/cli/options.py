@@ -131,16 +131,17 @@ ENGINE_OPTIONS: tuple[EngineOption, ...] = (
     EngineOption("spec", ("--spec", "--spec-type"), str, "none", "Speculative decoding of greedy requests: "
                  "ngram (draft from the prompt and output, verify in the batch; llama.cpp's ngram-simple and "
                  "ngram-mod are accepted), draft (a draft model, -md) or none.", parse=_spec, panel=_SPEC),
-    EngineOption("model_draft", ("-md", "--model-draft"), str | None, None, "Draft model (a .gguf path or a "
-                 "cached model) with the target's vocabulary; implies --spec draft.", parse=_draft_model,
-                 panel=_SPEC),
-    EngineOption("draft_max", ("--draft-max", "--draft-n"), int, 16, "Longest draft; shorter ones are used "
-                 "where the measured acceptance and costs say they pay better.", panel=_SPEC),
-    EngineOption("draft_min", ("--draft-min", "--draft-n-min"), int, 0, "Drafts shorter than this are not "
-                 "verified.", panel=_SPEC),
-    EngineOption("n_gpu_layers_draft", ("-ngld", "--n-gpu-layers-draft", "--gpu-layers-draft"), str, "auto",
-                 "Draft model layers to offload to the GPU: a number, 'auto' or 'all'.", parse=parse_gpu_layers,
-                 panel=_SPEC),
+    EngineOption("model_draft", ("-md", "--model-draft", "--spec-draft-model"), str | None, None,
+                 "Draft model (a .gguf path or a cached model) with the target's vocabulary; implies --spec draft.",
+                 parse=_draft_model, panel=_SPEC),
+    EngineOption("draft_max", ("--draft-max", "--draft-n", "--spec-draft-n-max"), int, 16,
+                 "Longest draft; shorter ones are used where the measured acceptance and costs say they pay "
+                 "better.", panel=_SPEC),
+    EngineOption("draft_min", ("--draft-min", "--draft-n-min", "--spec-draft-n-min"), int, 0,
+                 "Drafts shorter than this are not verified.", panel=_SPEC),
+    EngineOption("n_gpu_layers_draft", ("-ngld", "--n-gpu-layers-draft", "--gpu-layers-draft", "--spec-draft-ngl"),
+                 str, "auto", "Draft model layers to offload to the GPU: a number, 'auto' or 'all'.",
+                 parse=parse_gpu_layers, panel=_SPEC),
     EngineOption("chat_template", ("--chat-template",), str | None, None, "Built-in template instead of the "
                  "model's: chatml, qwen, llama-3, llama-2, gemma, mistral, phi-3.", target="engine"),
     EngineOption("chat_template_file", ("--chat-template-file",), Path | None, None,

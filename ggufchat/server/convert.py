@@ -285,12 +285,19 @@ def usage_dict(finishes: list[Finish]) -> dict[str, Any]:
     # The prompt is counted once for all n choices, as OpenAI does.
     first = finishes[0].usage
     completion = sum(f.usage.completion_tokens for f in finishes)
-    return {
+    usage = {
         "prompt_tokens": first.prompt_tokens,
         "completion_tokens": completion,
         "total_tokens": first.prompt_tokens + completion,
         "prompt_tokens_details": {"cached_tokens": first.cached_tokens},
     }
+    drafted = sum(f.usage.drafted_tokens for f in finishes)
+    if drafted:
+        # Speculation's drafts, in the fields OpenAI reports its predicted outputs in.
+        accepted = sum(f.usage.accepted_tokens for f in finishes)
+        usage["completion_tokens_details"] = {"accepted_prediction_tokens": accepted,
+                                              "rejected_prediction_tokens": drafted - accepted}
+    return usage
 
 
 def chat_completion(rid: str, model: str, choices: list[Choice], fmt: OutputFormat | None = None,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from ggufchat.bench import edit_prompt
 from ggufchat.cli.options import BY_NAME
 from ggufchat.engine import Engine, GenerationRequest, LoadOptions, SamplingParams
 from ggufchat.engine.scheduler import draft_room
@@ -229,14 +230,6 @@ def test_spec_none_never_drafts(model_path):
 
 @pytest.mark.parametrize("task", ["rename"])
 def test_qwen_edit_task_copies_its_input_exactly(qwen_spec: Engine, task: str):
-    import sys
-
-    from tests.conftest import ROOT
-    sys.path.insert(0, str(ROOT / "scripts"))
-    try:
-        from bench_spec import edit_prompt
-    finally:
-        sys.path.remove(str(ROOT / "scripts"))
     for seed in (1,):
         text, _ = edit_prompt(seed)
         prompt = qwen_spec.chat_tokens([{"role": "user", "content": text}])
