@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from ggufchat.engine import grammar as gbnf
+from ggufchat.engine.embeddings import Embedder, EmbeddingInput, Embeddings, EmbeddingSpec, spec_for
 from ggufchat.engine.loader import LoadedModel, LoadOptions
 from ggufchat.engine.logprobs import MAX_TOP
 from ggufchat.engine.sampling import ArgmaxSampler, Sampler, make_sampler
@@ -21,7 +22,7 @@ from ggufchat.engine.speculative import NgramDrafter
 from ggufchat.engine.templates import ChatTemplate, Segment, tokenize_segments
 from ggufchat.engine.tokens import Tokenizer
 from ggufchat.engine.types import Delta, EngineStats, Event, Finish, GenerationRequest, Usage, Vocabulary
-from ggufchat.errors import ContextOverflow, InvalidParameter, TemplateError
+from ggufchat.errors import ContextOverflow, EngineStopped, InvalidParameter, TemplateError
 
 log = logging.getLogger(__name__)
 
@@ -114,6 +115,8 @@ class Engine:
         self.options = options
         self.grammar_limits = grammar_limits or gbnf.GrammarLimits()
         self._closed = False
+        self._embedder: Embedder | None = None
+        self._embedder_lock = threading.Lock()
         # The model is loaded on the thread that will decode with it: llama.cpp's OpenMP team belongs
         # to the thread that first computes, and a second team left spinning by a loading thread slows
         # every decode (measured: docs/benchmarks.md, costs behind design choices).
@@ -339,6 +342,26 @@ class Engine:
         seq = self._sequence(request, LoopEmitter(asyncio.get_running_loop(), events))
         return AsyncStream(self, seq, events)
 
+    # Embeddings (engine/embeddings.py): a second context on this model, run on the engine thread.
+    def embedding_spec(self) -> EmbeddingSpec:
+        """Pooling, size and input limit of this model's embeddings; InvalidParameter for a reranker."""
+        return self._embeddings().spec
+
+    def embed(self, inputs: list[EmbeddingInput], *, dimensions: int | None = None) -> Embeddings:
+        """L2-normalised vectors and token counts for texts and/or token lists; blocks (call it off the
+        event loop). Many inputs are decoded together."""
+        return self._embeddings().embed(inputs, dimensions=dimensions)
+
+    def _embeddings(self) -> Embedder:
+        with self._embedder_lock:
+            if self._closed:
+                raise EngineStopped("the engine was closed")
+            if self._embedder is None:
+                spec = spec_for(self.model, self.n_ctx_seq)
+                self._embedder = Embedder(self.model, self.tokenizer, spec, self.scheduler.call,
+                                          self._thread.is_alive)
+            return self._embedder
+
     def clear_cache(self) -> None:
         """Forget the KV kept for prefix reuse (idle sequences only); returns once it is done."""
         self.scheduler.call(self.scheduler.forget_cached).wait()
@@ -348,6 +371,9 @@ class Engine:
             self._closed = True
             self.scheduler.close()
             self._thread.join()
+            with self._embedder_lock:
+                if self._embedder is not None:
+                    self._embedder.close()
             self.model.close()
 
     def __enter__(self) -> Engine:
