@@ -213,7 +213,8 @@ class Engine:
                 return ChatTemplate(source, name="gguf", **special)
             except TemplateError as exc:
                 log.warning("%s; falling back to chatml", exc)
-        else:
+        elif self.model.info.get(f"{self.model.info.architecture}.attention.causal", True):
+            # (An encoder such as BERT has none and never chats: nothing to warn about.)
             log.warning("%s has no chat template; using chatml", self.model_name)
         return ChatTemplate.builtin("chatml", **special)
 

@@ -1,0 +1,56 @@
+"""The OpenAI embeddings API: POST /v1/embeddings."""
+
+from __future__ import annotations
+
+import base64
+from typing import Any
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse
+
+from ggufchat.engine import Embeddings, Engine
+from ggufchat.engine.embeddings import MAX_INPUTS
+from ggufchat.server.body import documented, parse
+from ggufchat.server.protocol import EmbeddingRequest
+from ggufchat.server.state import ServerState, server_state
+
+router = APIRouter(tags=["OpenAI"])
+
+
+@router.post("/v1/embeddings", openapi_extra=documented(EmbeddingRequest))
+async def embeddings(request: Request, srv: ServerState = Depends(server_state)):
+    """Embeddings (OpenAI API): one L2-normalised vector per input, as floats or base64 float32."""
+    body = await parse(request, EmbeddingRequest, srv.holder, max_items={"input": MAX_INPUTS})
+    model = srv.config.model_id
+
+    def work(engine: Engine) -> JSONResponse:
+        # Tokenizing, the wait for the engine thread and the JSON of many vectors: all off the event loop.
+        result = engine.embed(_inputs(body.input), dimensions=body.dimensions)
+        return JSONResponse(embedding_response(result, model, body.encoding_format))
+
+    # A request holds one place in the admission count (429 when the server is full), like one sequence.
+    lease = await srv.holder.lease(1)
+    try:
+        return await srv.holder.off_loop(lambda: work(lease.engine))
+    finally:
+        lease.release()
+
+
+def _inputs(value: str | list) -> list:
+    if isinstance(value, str):
+        return [value]
+    if value and all(isinstance(v, int) for v in value):
+        return [value]  # one token array
+    return value
+
+
+def embedding_response(result: Embeddings, model: str, encoding_format: str = "float") -> dict[str, Any]:
+    data = []
+    for i, row in enumerate(result.vectors):
+        if encoding_format == "base64":
+            vector: Any = base64.b64encode(row.astype("<f4").tobytes()).decode("ascii")
+        else:
+            vector = row.tolist()
+        data.append({"object": "embedding", "index": i, "embedding": vector})
+    usage = {"prompt_tokens": result.prompt_tokens, "total_tokens": result.prompt_tokens}
+    return {"object": "list", "data": data, "model": model, "usage": usage}
