@@ -37,7 +37,7 @@ POOLING = {0: "none", 1: "mean", 2: "cls", 3: "last", 4: "rank"}
 _MEAN, _RANK = 1, 4
 MAX_INPUTS = 2048  # inputs in one request (OpenAI's limit)
 MAX_TOKENS_PER_INPUT = 8192  # an input's longest length, whatever the model was trained for
-BATCH_TOKENS = 2048  # tokens packed into one llama batch (at least one whole input)
+BATCH_TOKENS = 512  # tokens packed into one llama batch (at least one whole input); see docs/embeddings.md
 BATCH_SEQS = 64  # inputs packed into one llama batch
 
 EmbeddingInput = str | Sequence[int]
@@ -108,7 +108,7 @@ class Embedder:
         self._batch = None
         self._closed = False
         self.n_batch = max(spec.max_tokens, BATCH_TOKENS)
-        self.pack_tokens = BATCH_TOKENS  # tokens packed into one batch (measured: docs/embeddings.md)
+        self.pack_tokens = BATCH_TOKENS
 
     # Any thread.
     def tokenize(self, inputs: Sequence[EmbeddingInput], param: str = "input") -> list[list[int]]:
