@@ -28,7 +28,7 @@ import numpy as np
 
 from ggufchat.engine.loader import LoadedModel, default_threads
 from ggufchat.engine.tokens import Tokenizer
-from ggufchat.errors import DecodeError, EngineStopped, InvalidParameter, ModelLoadError
+from ggufchat.errors import DecodeError, EngineStopped, GgufchatError, InvalidParameter, ModelLoadError
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +41,10 @@ BATCH_TOKENS = 512  # tokens packed into one llama batch (at least one whole inp
 BATCH_SEQS = 64  # inputs packed into one llama batch
 
 EmbeddingInput = str | Sequence[int]
+
+
+class EmbeddingCancelled(GgufchatError):
+    """The caller's `stop` was set before every batch was computed (a timeout, a client that left)."""
 
 
 @dataclass(frozen=True)
@@ -140,14 +144,18 @@ class Embedder:
             lists.append(tokens)
         return lists
 
-    def embed(self, inputs: Sequence[EmbeddingInput], *, dimensions: int | None = None) -> Embeddings:
-        """Normalised vectors for texts and/or token lists (blocks until the engine thread is done)."""
+    def embed(self, inputs: Sequence[EmbeddingInput], *, dimensions: int | None = None,
+              stop: threading.Event | None = None) -> Embeddings:
+        """Normalised vectors for texts and/or token lists (blocks until the engine thread is done). Once
+        `stop` is set, no further batch starts: EmbeddingCancelled."""
         if dimensions is not None and not 1 <= dimensions <= self.spec.n_embd:
             raise InvalidParameter(f"dimensions must be between 1 and {self.spec.n_embd} (this model's size), "
                                    f"not {dimensions}", param="dimensions")
         token_lists = self.tokenize(inputs)
         vectors = np.empty((len(token_lists), self.spec.n_embd), dtype=np.float32)
         for group in self._groups(token_lists):
+            if stop is not None and stop.is_set():
+                raise EmbeddingCancelled("the embeddings were cancelled")
             rows = self._on_engine(lambda group=group: self._embed_batch([token_lists[i] for i in group]))
             vectors[group] = rows
         vectors = _normalise(vectors)

@@ -348,10 +348,11 @@ class Engine:
         """Pooling, size and input limit of this model's embeddings; InvalidParameter for a reranker."""
         return self._embeddings().spec
 
-    def embed(self, inputs: list[EmbeddingInput], *, dimensions: int | None = None) -> Embeddings:
+    def embed(self, inputs: list[EmbeddingInput], *, dimensions: int | None = None,
+              stop: threading.Event | None = None) -> Embeddings:
         """L2-normalised vectors and token counts for texts and/or token lists; blocks (call it off the
-        event loop). Many inputs are decoded together."""
-        return self._embeddings().embed(inputs, dimensions=dimensions)
+        event loop). Many inputs are decoded together; setting `stop` ends it between two batches."""
+        return self._embeddings().embed(inputs, dimensions=dimensions, stop=stop)
 
     def _embeddings(self) -> Embedder:
         with self._embedder_lock:

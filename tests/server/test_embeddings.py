@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import time
 
 import httpx2
 import numpy as np
@@ -13,7 +14,7 @@ import requests
 from openai import OpenAI
 
 from ggufchat.engine import Engine
-from tests.server.conftest import post, serve
+from tests.server.conftest import metric, post, serve, wait_for
 
 
 @pytest.fixture(scope="module")
@@ -115,3 +116,35 @@ def test_decoder_model_on_the_shared_server(base_url: str, engine: Engine):
     assert v.shape == (2, 576)
     np.testing.assert_allclose(np.linalg.norm(v, axis=1), 1.0, atol=1e-5)
     assert r["usage"]["prompt_tokens"] == sum(len(engine.tokenize(t, add_special=True)) for t in ("hello", "world"))
+
+
+def test_timeout_stops_a_long_request(minilm_engine: Engine):
+    # ~100k tokens: minutes of work; --timeout stops it between two batches.
+    body = {"input": [f"sentence {i} " + "word " * 45 for i in range(2000)]}
+    with serve(minilm_engine, model_id="m", timeout=1.0) as url:
+        t0 = time.monotonic()
+        r = post(url, "/v1/embeddings", body)
+        assert r.status_code == 504 and r.json()["error"]["code"] == "timeout"
+        assert time.monotonic() - t0 < 15
+        assert metric(url, "ggufchat_sequences_cancelled_total", 'why="timeout"') == 1
+        assert post(url, "/v1/embeddings", {"input": "still serving"}).status_code == 200
+
+
+def test_a_client_that_leaves_cancels_its_request(minilm_engine: Engine):
+    body = {"input": [f"sentence {i} " + "word " * 45 for i in range(2000)]}
+    with serve(minilm_engine, model_id="m") as url:
+        with pytest.raises(requests.exceptions.ReadTimeout):
+            requests.post(url + "/v1/embeddings", json=body, timeout=1.5)
+        assert wait_for(lambda: metric(url, "ggufchat_sequences_cancelled_total", 'why="disconnect"') == 1, 15)
+        # The engine is free again: a batch of the abandoned request would otherwise run ahead of each of these.
+        t0 = time.monotonic()
+        for _ in range(5):
+            assert post(url, "/v1/embeddings", {"input": "x " * 400}).status_code == 200
+        assert time.monotonic() - t0 < 10
+
+
+def test_api_key_is_required(minilm_engine: Engine):
+    with serve(minilm_engine, model_id="m", api_keys=["secret"]) as url:
+        assert post(url, "/v1/embeddings", {"input": "x"}).status_code == 401
+        ok = post(url, "/v1/embeddings", {"input": "x"}, headers={"Authorization": "Bearer secret"})
+        assert ok.status_code == 200

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import threading
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 
 from ggufchat.engine import Embeddings, Engine
-from ggufchat.engine.embeddings import MAX_INPUTS
+from ggufchat.engine.embeddings import MAX_INPUTS, EmbeddingCancelled
+from ggufchat.errors import RequestTimeout
 from ggufchat.server.body import documented, parse
 from ggufchat.server.protocol import EmbeddingRequest
 from ggufchat.server.state import ServerState, server_state
@@ -22,17 +25,41 @@ async def embeddings(request: Request, srv: ServerState = Depends(server_state))
     """Embeddings (OpenAI API): one L2-normalised vector per input, as floats or base64 float32."""
     body = await parse(request, EmbeddingRequest, srv.holder, max_items={"input": MAX_INPUTS})
     model = srv.config.model_id
+    stop = threading.Event()  # set on --timeout or a disconnect: no further batch starts
+    why: list[str] = []
+
+    def cancel(reason: str) -> None:
+        if not stop.is_set():
+            why.append(reason)
+            stop.set()
+            srv.metrics.cancelled.labels(reason).inc()
 
     def work(engine: Engine) -> JSONResponse:
         # Tokenizing, the wait for the engine thread and the JSON of many vectors: all off the event loop.
-        result = engine.embed(_inputs(body.input), dimensions=body.dimensions)
+        result = engine.embed(_inputs(body.input), dimensions=body.dimensions, stop=stop)
         return JSONResponse(embedding_response(result, model, body.encoding_format))
+
+    async def watch() -> None:
+        # The body has been read: the next ASGI message is http.disconnect, once the client has left.
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+        cancel("disconnect")
 
     # A request holds one place in the admission count (429 when the server is full), like one sequence.
     lease = await srv.holder.lease(1)
+    watcher = asyncio.create_task(watch())
+    timeout = srv.config.timeout
+    timer = asyncio.get_running_loop().call_later(timeout, cancel, "timeout") if timeout else None
     try:
         return await srv.holder.off_loop(lambda: work(lease.engine))
+    except EmbeddingCancelled:
+        if why and why[0] == "timeout":
+            raise RequestTimeout(f"the request took longer than the server's --timeout of {timeout:g} s") from None
+        return Response(status_code=499)  # the client has gone: nobody reads this
     finally:
+        watcher.cancel()
+        if timer is not None:
+            timer.cancel()
         lease.release()
 
 
