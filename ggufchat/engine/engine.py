@@ -13,12 +13,13 @@ from pathlib import Path
 from typing import Any
 
 from ggufchat.engine import grammar as gbnf
+from ggufchat.engine.draft_model import load_draft
 from ggufchat.engine.embeddings import Embedder, EmbeddingInput, Embeddings, EmbeddingSpec, spec_for
 from ggufchat.engine.loader import LoadedModel, LoadOptions
 from ggufchat.engine.logprobs import MAX_TOP
 from ggufchat.engine.sampling import ArgmaxSampler, Sampler, make_sampler
 from ggufchat.engine.scheduler import LoopEmitter, Scheduler, Sequence
-from ggufchat.engine.speculative import NgramDrafter
+from ggufchat.engine.speculative import DraftState, NgramDrafter
 from ggufchat.engine.templates import ChatTemplate, Segment, tokenize_segments
 from ggufchat.engine.tokens import Tokenizer
 from ggufchat.engine.types import Delta, EngineStats, Event, Finish, GenerationRequest, Usage, Vocabulary
@@ -144,10 +145,15 @@ class Engine:
         except BaseException as exc:
             ready.set_exception(exc)
             return
+        draft = None
         try:
             tokenizer = Tokenizer(model.vocab)
-            scheduler = Scheduler(model, tokenizer)
+            # On this thread too: it decodes on it, with the same OpenMP team as the target.
+            draft = load_draft(options, model) if options.model_draft is not None else None
+            scheduler = Scheduler(model, tokenizer, draft)
         except BaseException as exc:
+            if draft is not None:
+                draft.close()
             model.close()
             ready.set_exception(exc)
             return
@@ -315,9 +321,11 @@ class Engine:
         # Speculation keeps greedy output exact by comparing the model's argmax with the draft: only
         # plain greedy requests (ArgmaxSampler: no temperature, grammar or penalties) draft.
         drafter = None
-        if self.options.spec == "ngram" and request.speculative and isinstance(sampler, ArgmaxSampler) \
-                and request.max_tokens != 0:
-            drafter = NgramDrafter(request.prompt_tokens)
+        if request.speculative and isinstance(sampler, ArgmaxSampler) and request.max_tokens != 0:
+            if self.options.spec == "ngram":
+                drafter = NgramDrafter(request.prompt_tokens)
+            elif self.options.spec == "draft":
+                drafter = DraftState()
         return Prepared(request, sampler, drafter)
 
     def _sequence(self, request: GenerationRequest | Prepared, emit) -> Sequence:
@@ -373,6 +381,8 @@ class Engine:
             self._closed = True
             self.scheduler.close()
             self._thread.join()
+            if self.scheduler.draft_model is not None:
+                self.scheduler.draft_model.close()
             with self._embedder_lock:
                 if self._embedder is not None:
                     self._embedder.close()

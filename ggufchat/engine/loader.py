@@ -30,7 +30,7 @@ SPLIT_MODES = {
     "row": llama_cpp.LLAMA_SPLIT_MODE_ROW,
 }
 DEFAULT_CTX_PER_SEQ = 4096
-SPEC_TYPES = ("none", "ngram")  # --spec: speculative decoding (engine/speculative.py)
+SPEC_TYPES = ("none", "ngram", "draft")  # --spec: speculative decoding (speculative.py, draft_model.py)
 logger = logging.getLogger(__name__)
 
 
@@ -62,7 +62,11 @@ class LoadOptions:
     main_gpu: int = 0
     rpc_servers: list[str] = field(default_factory=list)  # host:port of `ggufchat rpc-worker`s
     use_mmap: bool = True
-    spec: str = "none"  # speculative decoding for greedy requests: none or ngram (prompt lookup)
+    spec: str = "none"  # speculative decoding for greedy requests: none, ngram (prompt lookup) or draft
+    model_draft: Path | None = None  # -md: the draft model for --spec draft (implies it)
+    draft_max: int = 16  # the longest draft; the engine picks shorter ones where they pay better
+    draft_min: int = 0  # drafts shorter than this are not verified
+    n_gpu_layers_draft: str | int = "auto"  # -ngld
 
     def validate(self) -> None:
         if self.n_seq_max < 1 or self.n_seq_max > 256:
@@ -83,6 +87,18 @@ class LoadOptions:
                 raise InvalidParameter(f"{name} must be one of {', '.join(KV_TYPES)}, not {value!r}")
         if self.spec not in SPEC_TYPES:
             raise InvalidParameter(f"--spec must be one of {', '.join(SPEC_TYPES)}, not {self.spec!r}", param="spec")
+        if self.model_draft is not None and self.spec == "none":
+            self.spec = "draft"  # -md alone means draft with it, as in llama.cpp
+        if self.spec == "draft" and self.model_draft is None:
+            raise InvalidParameter("--spec draft needs a draft model: -md/--model-draft PATH", param="model_draft")
+        if self.model_draft is not None and self.spec != "draft":
+            raise InvalidParameter(f"-md/--model-draft is for --spec draft, not --spec {self.spec}",
+                                   param="model_draft")
+        if not 1 <= self.draft_max <= 64:
+            raise InvalidParameter("--draft-max must be between 1 and 64", param="draft_max")
+        if not 0 <= self.draft_min <= self.draft_max:
+            raise InvalidParameter("--draft-min must be between 0 and --draft-max", param="draft_min")
+        parse_gpu_layers(self.n_gpu_layers_draft)
         if self.split_mode not in SPLIT_MODES:
             raise InvalidParameter(f"--split-mode must be one of {', '.join(SPLIT_MODES)}")
         parse_gpu_layers(self.n_gpu_layers)

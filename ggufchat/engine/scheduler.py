@@ -21,10 +21,11 @@ from dataclasses import dataclass, field
 
 import llama_cpp
 
+from ggufchat.engine.draft_model import DraftModel
 from ggufchat.engine.loader import LoadedModel
 from ggufchat.engine.logprobs import next_token_logprobs, token_logprob
 from ggufchat.engine.sampling import LogitsRows, Sampler, logits_block
-from ggufchat.engine.speculative import NgramDrafter
+from ggufchat.engine.speculative import DraftState, NgramDrafter, StepCosts
 from ggufchat.engine.stops import StopMatcher
 from ggufchat.engine.tokens import Detokenizer, Tokenizer
 from ggufchat.engine.types import Delta, Event, Finish, GenerationRequest, Usage
@@ -127,7 +128,7 @@ class Sequence:
     unsent_logprobs: list | None = None  # TokenLogprob of each id in `unsent`, if the request wants them
     prompt_logprobs: list | None = None  # collected chunk by chunk until the prompt is decoded, if wanted
     chunk_index: int = -1  # batch index of the first token of a prompt chunk that outputs every row
-    drafter: NgramDrafter | None = None  # greedy sequences that may speculate (speculative.py)
+    drafter: NgramDrafter | DraftState | None = None  # greedy sequences that may speculate (speculative.py)
     draft: list[int] = field(default_factory=list)  # drafted tokens after next_token in the current batch
 
 
@@ -158,8 +159,12 @@ def pick_slot(slots: list[Slot], prompt: list[int]) -> Slot:
 
 
 class Scheduler:
-    def __init__(self, model: LoadedModel, tokenizer: Tokenizer) -> None:
+    def __init__(self, model: LoadedModel, tokenizer: Tokenizer, draft_model: DraftModel | None = None) -> None:
         self.model = model
+        self.draft_model = draft_model  # --model-draft: drafts for DraftState sequences (draft_model.py)
+        self.draft_max = model.options.draft_max
+        self.draft_min = model.options.draft_min
+        self.step_costs = StepCosts()  # what plain generation steps cost, by size: drafts are priced on it
         self.tokenizer = tokenizer
         self.slots = [Slot(i) for i in range(model.n_seq_max)]
         self.n_ctx_seq = model.n_ctx_seq
@@ -214,6 +219,8 @@ class Scheduler:
             if not slot.busy:
                 llama_cpp.llama_memory_seq_rm(self.model.memory, slot.seq_id, -1, -1)
                 slot.tokens.clear()
+                if self.draft_model is not None:
+                    self.draft_model.forget(slot.seq_id)
 
     def cancel(self, seq: Sequence) -> None:
         seq.cancelled = True
@@ -336,15 +343,22 @@ class Scheduler:
         n_generating = sum(s.next_token is not None for s in self._active)
         generating = n_generating > 0
         room = draft_room(n_generating, self.n_batch)
+        model_drafts = self._model_drafts(room, n_generating) if self.draft_model is not None and room > 0 else {}
         for seq in self._active:
             seq.fed = 0
             seq.batch_index = -1
             if seq.next_token is not None:
-                draft = self._draft(seq, room) if room > 0 and seq.drafter is not None else []
+                if seq.slot.seq_id in model_drafts:
+                    draft = model_drafts[seq.slot.seq_id]
+                elif room > 0 and isinstance(seq.drafter, NgramDrafter):
+                    draft = self._draft(seq, room)
+                else:
+                    draft = []
                 room -= len(draft)
                 seq.draft = draft
                 n = self._add(batch, n, seq, [seq.next_token, *draft], logits_last=True, n_logits=1 + len(draft))
         budget_cap = self.n_chunk_shared if generating else self.n_batch
+        n_generation = n
         for seq in self._active:
             if not seq.pending:
                 continue
@@ -364,8 +378,11 @@ class Scheduler:
         batch.n_tokens = n
         t0 = time.perf_counter()
         status = llama_cpp.llama_decode(self.model.ctx, batch)
-        self.decode_seconds += time.perf_counter() - t0
+        took = time.perf_counter() - t0
+        self.decode_seconds += took
         self.steps += 1
+        if n == n_generation:
+            self.step_costs.record(n, took)
         if status != 0:
             self._decode_failed(status)
             return
@@ -443,16 +460,39 @@ class Scheduler:
             seq.batch_index = n - 1
         return n
 
-    def _draft(self, seq: Sequence, room: int) -> list[int]:
-        """The tokens `seq` drafts after its next token this step: at most `room`, none past its
+    def _draft_limit(self, seq: Sequence, room: int) -> int:
+        """The most tokens `seq` may draft after its next token this step: at most `room`, none past its
         max_tokens or the end of its context."""
         limit = room
         req = seq.request
         if req.max_tokens is not None:  # next_token is counted already; the draft adds len + 1 more
             limit = min(limit, req.max_tokens - seq.usage.completion_tokens - 1)
         # next_token takes position len(tokens); the last draft token must leave the last position free
-        limit = min(limit, self.n_ctx_seq - len(seq.slot.tokens) - 2)
+        return min(limit, self.n_ctx_seq - len(seq.slot.tokens) - 2)
+
+    def _draft(self, seq: Sequence, room: int) -> list[int]:
+        limit = self._draft_limit(seq, room)
         return seq.drafter.draft(limit) if limit > 0 else []
+
+    def _model_drafts(self, room: int, n_generating: int) -> dict[int, list[int]]:
+        """The draft model's drafts for this step, by sequence id: each sequence's length priced on the
+        measured cost of a step and of a draft pass, and its own acceptance (speculative.py)."""
+        draft = self.draft_model
+        pass_seconds = draft.pass_seconds if draft.pass_seconds is not None else self.step_costs(1) * draft.size_ratio
+        wants = []
+        for seq in self._active:
+            if seq.next_token is None or not isinstance(seq.drafter, DraftState) or room <= 0:
+                continue
+            k_max = min(self._draft_limit(seq, room), self.draft_max)
+            k = seq.drafter.draft_len(self.step_costs, pass_seconds, n_generating, k_max) if k_max > 0 else 0
+            if k < max(self.draft_min, 1):
+                continue
+            room -= k
+            wants.append((seq.slot.seq_id, [*seq.slot.tokens, seq.next_token], k))
+        if not wants:
+            return {}
+        # --draft-min: a draft the draft model cut short (unsure of its next token) is not worth verifying.
+        return {sid: d for sid, d in draft.draft(wants).items() if len(d) >= self.draft_min}
 
     def _sample(self, seq: Sequence) -> None:
         draft = seq.draft

@@ -15,6 +15,8 @@ sequence stops drafting for a growing number of steps.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 NGRAM_SIZES = (4, 3, 2)  # n-gram lengths looked up, longest first: a longer match is a better guess
 MIN_DRAFT = 2
 START_DRAFT = 4
@@ -85,3 +87,101 @@ class NgramDrafter:
             self.misses += 1
             self.max_len = MIN_DRAFT
             self.pause = min(MAX_PAUSE, (1 << self.misses) - 1 if self.misses > 1 else 0)
+
+
+# Draft-model speculation: a draft costs a pass of the draft model per token, so its length is chosen
+# by what it is expected to buy. With acceptance rate a (the chance that the target agrees with one more
+# drafted token), a draft of k tokens yields 1 + a + ... + a^k tokens per step, at the price of a
+# verify step with k more positions plus k draft passes; without a draft, one token per plain step.
+
+PRIOR_ACCEPTANCE = 0.6  # a new sequence's acceptance rate until its own drafts are counted
+ACCEPTANCE_MEMORY = 0.9  # how much of a sequence's acceptance estimate each verified token keeps
+MIN_GAIN = 1.05  # a draft must be expected to beat plain decoding by this factor
+PROBE_EVERY = 16  # steps a sequence goes without drafting before it tries a short draft again...
+MAX_PROBE_EVERY = 256  # ...doubling after each probe that was refused, up to this
+PROBE_LEN = 2
+
+
+def expected_tokens(acceptance: float, k: int) -> float:
+    """Tokens a step yields with a k-token draft: the next token, then each drafted one while accepted."""
+    if acceptance >= 1.0:
+        return k + 1.0
+    return (1.0 - acceptance ** (k + 1)) / (1.0 - acceptance)
+
+
+def best_draft_len(acceptance: float, step_seconds: Callable[[int], float], pass_seconds: float,
+                   base: int, k_max: int) -> int:
+    """The draft length with the most tokens per second, 0 when none beats plain decoding by MIN_GAIN.
+    step_seconds(n): what a target step of n batch positions costs; `base` positions are in it anyway."""
+    plain = 1.0 / step_seconds(base)
+    best, best_rate = 0, plain * MIN_GAIN
+    for k in range(1, k_max + 1):
+        rate = expected_tokens(acceptance, k) / (step_seconds(base + k) + k * pass_seconds)
+        if rate > best_rate:
+            best, best_rate = k, rate
+    return best
+
+
+class DraftState:
+    """A sequence's measured acceptance, for draft-model speculation. Once its acceptance is too low for
+    drafts to pay, it drafts nothing, except a short probe now and then (ever more rarely while probes
+    fail), so that a sequence that starts copying is noticed."""
+
+    def __init__(self) -> None:
+        self.acceptance = PRIOR_ACCEPTANCE
+        self.idle = 0  # steps since it last drafted
+        self.probe_every = PROBE_EVERY
+
+    def draft_len(self, step_seconds: Callable[[int], float], pass_seconds: float, base: int, k_max: int) -> int:
+        k = best_draft_len(self.acceptance, step_seconds, pass_seconds, base, k_max)
+        if k:
+            return k
+        self.idle += 1
+        if self.idle < self.probe_every:
+            return 0
+        # Probe only where drafts could pay at all: with near-certain acceptance.
+        return min(PROBE_LEN, k_max) if best_draft_len(0.95, step_seconds, pass_seconds, base, k_max) else 0
+
+    def push(self, tok: int) -> None:  # the n-gram drafter's interface: nothing to index here
+        pass
+
+    def update(self, drafted: int, accepted: int) -> None:
+        # Each agreed token is a success; the first disagreement, if any, one failure.
+        a = self.acceptance
+        for _ in range(accepted):
+            a = ACCEPTANCE_MEMORY * a + (1 - ACCEPTANCE_MEMORY)
+        if accepted < drafted:
+            a = ACCEPTANCE_MEMORY * a
+        if self.idle >= self.probe_every:  # this was a probe
+            self.probe_every = PROBE_EVERY if accepted == drafted else min(MAX_PROBE_EVERY, self.probe_every * 2)
+        self.acceptance = a
+        self.idle = 0
+
+
+class StepCosts:
+    """What a plain generation step costs by its number of batch positions, measured (an EWMA per size).
+    Sizes not yet measured are guessed from the nearest smaller measured one, optimistically: so a
+    draft length is tried once and then judged on its measured cost."""
+
+    SIZES = 64
+    SMOOTHING = 0.1
+
+    def __init__(self) -> None:
+        self.seconds: list[float | None] = [None] * (self.SIZES + 1)
+
+    def record(self, n: int, seconds: float) -> None:
+        if 0 < n <= self.SIZES:
+            old = self.seconds[n]
+            if old is None:
+                self.seconds[n] = seconds
+            else:
+                # One step preempted by another process must not reprice every draft: a sample moves
+                # the estimate as if it were at most twice (or half) the estimate.
+                sample = min(max(seconds, old / 2), old * 2)
+                self.seconds[n] = old + self.SMOOTHING * (sample - old)
+
+    def __call__(self, n: int) -> float:
+        for m in range(min(n, self.SIZES), 0, -1):
+            if self.seconds[m] is not None:
+                return self.seconds[m]
+        return 0.01

@@ -20,7 +20,7 @@ from ggufchat.server.routes import embeddings, openai, simple, system, web
 from ggufchat.server.state import ServerState
 
 # Reachable without the API key: load balancers probe it.
-PUBLIC_PATHS = {"/health"}
+PUBLIC_PATHS = set(system.PROBE_PATHS)
 # GET only: the web page and its static files (they hold no secret; the page asks for the key).
 PUBLIC_GET_PATHS = web.PUBLIC_GET
 

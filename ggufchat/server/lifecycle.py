@@ -17,6 +17,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TypeVar
 
+from starlette.exceptions import HTTPException
+
 from ggufchat.engine import Engine, EngineStats
 from ggufchat.errors import EngineStopped, QueueFull
 from ggufchat.machine import available_cpus
@@ -40,6 +42,10 @@ class ServerConfig:
     max_body_bytes: int = 4 << 20
     max_messages: int = 2048  # chat messages in one request
     reasoning_format: str = "deepseek"  # deepseek: <think> text goes to reasoning_content; none: stays in content
+    # Seconds the engine may hold work without finishing a decode step before /health/live fails (a
+    # wedged engine: restarting the process is the only cure). Generous: one step of a big prompt chunk
+    # on a slow CPU takes seconds, and a liveness failure kills every stream of the replica.
+    wedge_timeout: float = 120.0
 
 
 class Lease:
@@ -94,13 +100,17 @@ class ModelHolder:
         self._lock = asyncio.Lock()
         self._idle_task: asyncio.Task | None = None
         self._load_task: asyncio.Task | None = None
+        self.draining_since: float | None = None  # monotonic time of the SIGTERM, None while serving
+        self._progress = (-1, time.monotonic())  # (engine steps last seen, when they last moved)
         # Preparing a request (template, tokenizing, a grammar) runs here, never on the event loop.
         # As many threads as the default executor: tokenizing releases the GIL, and one big request
         # must not make the small ones behind it wait.
         self._pool = ThreadPoolExecutor(max_workers=min(32, available_cpus() + 4),
                                         thread_name_prefix="ggufchat-prepare")
         metrics.model_loaded.set(1 if engine is not None else 0)
+        metrics.slots.set(config.n_parallel)
         metrics.watch(self.stats)
+        metrics.admitted.set_function(lambda: self.in_flight)
 
     def stats(self) -> EngineStats:
         """The engine's counters, all zero while no model is loaded."""
@@ -138,9 +148,56 @@ class ModelHolder:
             engine, self.engine = self.engine, None
             await asyncio.to_thread(engine.close)
 
+    # Draining, readiness, liveness.
+    def begin_drain(self) -> None:
+        """SIGTERM: stop taking new requests (503 + Retry-After, so a balancer or an OpenAI client tries
+        another replica) while the ones admitted finish; the server exits once drained()."""
+        if self.draining_since is None:
+            self.draining_since = time.monotonic()
+            self.metrics.draining.set(1)
+            log.info("draining: %d request(s) in flight; new requests get 503", self.users)
+
+    def drained(self, timeout: float) -> bool:
+        """Draining and nothing left to wait for (no lease held), or `timeout` seconds spent waiting."""
+        since = self.draining_since
+        return since is not None and (self.users == 0 or time.monotonic() - since >= timeout)
+
+    def not_ready(self) -> str | None:
+        """Why a balancer should send no new request here (None: ready). Idle-unloaded counts as ready:
+        the next request reloads the model."""
+        self.check_engine()
+        if self.draining_since is not None:
+            return "draining"
+        if self.state in ("ready", "unloaded"):
+            return None
+        return self.state  # loading, failed
+
+    def not_live(self) -> str | None:
+        """Why the process should be restarted (None: live): the engine thread died, or it holds work
+        and has not finished a decode step for config.wedge_timeout seconds. Loading and draining are
+        live. Progress is sampled when asked (each probe), so a wedge is seen within the timeout plus
+        one probe period."""
+        self.check_engine()
+        if self.state == "failed":
+            return f"the engine stopped: {self.error}"
+        stats = self.stats()
+        now = time.monotonic()
+        steps, since = self._progress
+        if stats.steps != steps or not (stats.active_sequences or stats.queue_depth):
+            self._progress = (stats.steps, now)
+            return None
+        if now - since >= self.config.wedge_timeout:
+            return (f"the engine holds {stats.active_sequences + stats.queue_depth} sequence(s) and has not "
+                    f"decoded a step for {now - since:.0f} s")
+        return None
+
     # Requests.
     def admit(self, n_seq: int) -> None:
-        """Refuse with 429 when the running sequences and the queue are full."""
+        """Refuse with 503 while draining, with 429 when the running sequences and the queue are full."""
+        if self.draining_since is not None:
+            # Retry-After 1: the balancer (or the client) should go elsewhere now, not wait for this one.
+            raise HTTPException(503, "the server is shutting down; retry (another replica takes it)",
+                                headers={"Retry-After": "1"})
         capacity = self.config.n_parallel + self.config.max_queue
         if self.in_flight + n_seq > capacity:
             self.metrics.rejected.inc()

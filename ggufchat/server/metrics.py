@@ -23,8 +23,18 @@ class Metrics:
         r = self.registry
         self.requests = Counter("ggufchat_requests", "HTTP requests by route and status.", ["route", "status"],
                                 registry=r)
-        self.queue_depth = Gauge("ggufchat_queue_depth", "Sequences waiting for a free slot.", registry=r)
-        self.active = Gauge("ggufchat_active_sequences", "Sequences being decoded.", registry=r)
+        # The autoscaling signals (docs/deploy.md): queue depth against slots, per replica.
+        self.queue_depth = Gauge("ggufchat_queue_depth", "Sequences waiting for a free slot (autoscaling "
+                                 "signal: scale up while it stays above 0).", registry=r)
+        self.active = Gauge("ggufchat_active_sequences", "Sequences being decoded (autoscaling signal: "
+                            "busy slots).", registry=r)
+        self.slots = Gauge("ggufchat_slots", "Sequences decoded together (-np): the replica's capacity.",
+                           registry=r)
+        self.admitted = Gauge("ggufchat_sequences_admitted", "Sequences admitted and not finished: queued, "
+                              "being prepared or decoded (429 once it reaches slots + --max-queue).",
+                              registry=r)
+        self.draining = Gauge("ggufchat_draining", "1 after SIGTERM, while the requests in flight finish.",
+                              registry=r)
         self.steps = Gauge("ggufchat_engine_steps", "Batches decoded since the model was loaded.", registry=r)
         self.decode_seconds = Gauge("ggufchat_engine_decode_seconds", "Time spent in llama_decode since the "
                                     "model was loaded.", registry=r)

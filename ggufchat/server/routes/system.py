@@ -16,14 +16,19 @@ from ggufchat.server.protocol import DetokenizeRequest, TokenizeRequest
 from ggufchat.server.state import ServerState, server_state
 
 router = APIRouter(tags=["Server"])
+# Probes a balancer or Kubernetes calls without an API key (app.py makes them public).
+PROBE_PATHS = frozenset({"/health", "/health/ready", "/health/live"})
 
 
 @router.get("/health")
 async def health(srv: ServerState = Depends(server_state)):
     """200 when requests can be served (also when the model is unloaded for idleness: the next request
-    reloads it); 503 while the model loads, after it failed to load, or after the engine stopped."""
+    reloads it); 503 while the model loads, after it failed to load, after the engine stopped, or while
+    the server drains after SIGTERM."""
     holder = srv.holder
     holder.check_engine()
+    if holder.draining_since is not None and holder.state != "failed":
+        return _unavailable("the server is shutting down", "draining")
     if holder.state == "ready":
         stats = holder.engine.stats()
         return {"status": "ok", "model": srv.config.model_id, "slots_processing": stats.active_sequences,
@@ -38,6 +43,34 @@ async def health(srv: ServerState = Depends(server_state)):
         message = f"the model failed to load: {holder.error}"
     body = error_body(message, "server_error", code="model_" + holder.state)
     return JSONResponse({**body, "status": holder.state}, status_code=503, headers={"Retry-After": "1"})
+
+
+@router.get("/health/ready")
+async def ready(srv: ServerState = Depends(server_state)):
+    """Readiness: 200 when this replica should get new requests; 503 (with Retry-After) while the model
+    loads, after it failed, or while draining after SIGTERM."""
+    why = srv.holder.not_ready()
+    if why is None:
+        return {"status": "ready", "model": srv.config.model_id}
+    messages = {"draining": "the server is shutting down", "loading": "the model is loading"}
+    return _unavailable(messages.get(why, f"{srv.holder.error}; restart the server"), why)
+
+
+@router.get("/health/live")
+async def live(srv: ServerState = Depends(server_state)):
+    """Liveness: 503 only when restarting the process is the cure (the engine thread died, or it holds
+    work and has not decoded a step for --wedge-timeout seconds); 200 while loading and draining."""
+    why = srv.holder.not_live()
+    if why is None:
+        return {"status": "live"}
+    status = "failed" if srv.holder.state == "failed" else "wedged"
+    return JSONResponse({**error_body(why, "server_error", code="engine_" + status), "status": status},
+                        status_code=503)
+
+
+def _unavailable(message: str, status: str) -> JSONResponse:
+    body = error_body(message, "server_error", code=status if status == "draining" else "model_" + status)
+    return JSONResponse({**body, "status": status}, status_code=503, headers={"Retry-After": "1"})
 
 
 @router.get("/metrics")
