@@ -110,6 +110,13 @@ def test_openai_client_sees_a_bad_request(client: OpenAI):
         client.embeddings.create(model="m", input=["fine", "word " * 1000])
 
 
+def test_one_long_token_array_is_judged_by_its_length(base_url: str, engine: Engine):
+    # A token array longer than 2048 ids is one input, not 2048+ inputs: the error names its length.
+    limit = engine.embedding_spec().max_tokens
+    r = post(base_url, "/v1/embeddings", {"input": [1] * (limit + 52)})
+    assert r.status_code == 400 and f"{limit + 52} tokens" in r.json()["error"]["message"]
+
+
 def test_decoder_model_on_the_shared_server(base_url: str, engine: Engine):
     r = post(base_url, "/v1/embeddings", {"input": ["hello", "world"]}).json()
     v = np.array([d["embedding"] for d in r["data"]], dtype=np.float32)

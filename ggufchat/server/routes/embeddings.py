@@ -11,7 +11,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
 
 from ggufchat.engine import Embeddings, Engine
-from ggufchat.engine.embeddings import MAX_INPUTS, EmbeddingCancelled
+from ggufchat.engine.embeddings import EmbeddingCancelled
 from ggufchat.errors import RequestTimeout
 from ggufchat.server.body import documented, parse
 from ggufchat.server.protocol import EmbeddingRequest
@@ -23,7 +23,9 @@ router = APIRouter(tags=["OpenAI"])
 @router.post("/v1/embeddings", openapi_extra=documented(EmbeddingRequest))
 async def embeddings(request: Request, srv: ServerState = Depends(server_state)):
     """Embeddings (OpenAI API): one L2-normalised vector per input, as floats or base64 float32."""
-    body = await parse(request, EmbeddingRequest, srv.holder, max_items={"input": MAX_INPUTS})
+    # No max_items for `input`: one token array is a list too, and its length is checked against the model.
+    # The engine refuses more than 2048 inputs; the body limit bounds what validation costs.
+    body = await parse(request, EmbeddingRequest, srv.holder)
     model = srv.config.model_id
     stop = threading.Event()  # set on --timeout or a disconnect: no further batch starts
     why: list[str] = []
