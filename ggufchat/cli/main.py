@@ -42,9 +42,9 @@ def _root(
 
 def _register() -> None:
     # Imported here so `ggufchat --help` does not pay for every verb's imports twice.
-    from ggufchat.cli import bench, build, chat, doctor, models, rpc_worker, serve
+    from ggufchat.cli import bench, build, chat, doctor, embed, models, rpc_worker, serve
 
-    for module in (chat, serve, models, bench, doctor, build, rpc_worker):
+    for module in (chat, serve, embed, models, bench, doctor, build, rpc_worker):
         module.register(app)
 
 

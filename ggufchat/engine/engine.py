@@ -14,6 +14,7 @@ from typing import Any
 
 from ggufchat.engine import grammar as gbnf
 from ggufchat.engine.draft_model import load_draft
+from ggufchat.engine.embeddings import Embedder, EmbeddingInput, Embeddings, EmbeddingSpec, spec_for
 from ggufchat.engine.loader import LoadedModel, LoadOptions
 from ggufchat.engine.logprobs import MAX_TOP
 from ggufchat.engine.sampling import ArgmaxSampler, Sampler, make_sampler
@@ -22,7 +23,7 @@ from ggufchat.engine.speculative import DraftState, NgramDrafter
 from ggufchat.engine.templates import ChatTemplate, Segment, tokenize_segments
 from ggufchat.engine.tokens import Tokenizer
 from ggufchat.engine.types import Delta, EngineStats, Event, Finish, GenerationRequest, Usage, Vocabulary
-from ggufchat.errors import ContextOverflow, InvalidParameter, TemplateError
+from ggufchat.errors import ContextOverflow, EngineStopped, InvalidParameter, TemplateError
 
 log = logging.getLogger(__name__)
 
@@ -115,6 +116,8 @@ class Engine:
         self.options = options
         self.grammar_limits = grammar_limits or gbnf.GrammarLimits()
         self._closed = False
+        self._embedder: Embedder | None = None
+        self._embedder_lock = threading.Lock()
         # The model is loaded on the thread that will decode with it: llama.cpp's OpenMP team belongs
         # to the thread that first computes, and a second team left spinning by a loading thread slows
         # every decode (measured: docs/benchmarks.md, costs behind design choices).
@@ -216,7 +219,8 @@ class Engine:
                 return ChatTemplate(source, name="gguf", **special)
             except TemplateError as exc:
                 log.warning("%s; falling back to chatml", exc)
-        else:
+        elif self.model.info.get(f"{self.model.info.architecture}.attention.causal", True):
+            # (An encoder such as BERT has none and never chats: nothing to warn about.)
             log.warning("%s has no chat template; using chatml", self.model_name)
         return ChatTemplate.builtin("chatml", **special)
 
@@ -347,6 +351,27 @@ class Engine:
         seq = self._sequence(request, LoopEmitter(asyncio.get_running_loop(), events))
         return AsyncStream(self, seq, events)
 
+    # Embeddings (engine/embeddings.py): a second context on this model, run on the engine thread.
+    def embedding_spec(self) -> EmbeddingSpec:
+        """Pooling, size and input limit of this model's embeddings; InvalidParameter for a reranker."""
+        return self._embeddings().spec
+
+    def embed(self, inputs: list[EmbeddingInput], *, dimensions: int | None = None,
+              stop: threading.Event | None = None) -> Embeddings:
+        """L2-normalised vectors and token counts for texts and/or token lists; blocks (call it off the
+        event loop). Many inputs are decoded together; setting `stop` ends it between two batches."""
+        return self._embeddings().embed(inputs, dimensions=dimensions, stop=stop)
+
+    def _embeddings(self) -> Embedder:
+        with self._embedder_lock:
+            if self._closed:
+                raise EngineStopped("the engine was closed")
+            if self._embedder is None:
+                spec = spec_for(self.model, self.n_ctx_seq)
+                self._embedder = Embedder(self.model, self.tokenizer, spec, self.scheduler.call,
+                                          self._thread.is_alive)
+            return self._embedder
+
     def clear_cache(self) -> None:
         """Forget the KV kept for prefix reuse (idle sequences only); returns once it is done."""
         self.scheduler.call(self.scheduler.forget_cached).wait()
@@ -358,6 +383,9 @@ class Engine:
             self._thread.join()
             if self.scheduler.draft_model is not None:
                 self.scheduler.draft_model.close()
+            with self._embedder_lock:
+                if self._embedder is not None:
+                    self._embedder.close()
             self.model.close()
 
     def __enter__(self) -> Engine:

@@ -16,7 +16,7 @@ from ggufchat.server.lifecycle import ModelHolder, ServerConfig
 from ggufchat.server.metrics import Metrics
 from ggufchat.server.middleware import ApiKeyAuth, BodyLimit, RequestMetrics
 from ggufchat.server.protocol import BODY_MODELS
-from ggufchat.server.routes import openai, simple, system, web
+from ggufchat.server.routes import embeddings, openai, simple, system, web
 from ggufchat.server.state import ServerState
 
 # Reachable without the API key: load balancers probe it.
@@ -45,7 +45,7 @@ def create_app(config: ServerConfig, *, engine: Engine | None = None, factory: C
                               "GGUF model.")
     app.state.server = ServerState(config, holder, metrics)
     errors.install(app)
-    routers = (openai.router, simple.router, system.router, web.router)
+    routers = (openai.router, embeddings.router, simple.router, system.router, web.router)
     for router in routers:
         app.include_router(router)
 

@@ -180,3 +180,23 @@ class DetokenizeRequest(_Wire):
 # What the routes parse from request bodies (server/body.py), for the OpenAPI document.
 BODY_MODELS: list[type[BaseModel]] = [ChatCompletionRequest, CompletionRequest, SimpleRequest, ChatRouteRequest,
                                       TokenizeRequest, DetokenizeRequest]
+
+
+class EmbeddingRequest(_Wire):
+    """`POST /v1/embeddings`. Departures from the OpenAI API, on purpose:
+    - `dimensions` is honoured for every model, by keeping the first components and normalising again
+      (what Matryoshka-trained models are made for; with other models, it loses more quality).
+    - `encoding_format` "base64" is little-endian float32, as OpenAI's; the official Python client asks
+      for it by default when numpy is installed.
+    - An input longer than the model takes is refused with 400, never truncated (as OpenAI does); an
+      empty string or token array is refused too.
+    """
+
+    input: Text | list[Text] | list[int] | list[list[int]]
+    model: Text | None = None
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = None
+    user: Text | None = None
+
+
+BODY_MODELS.append(EmbeddingRequest)
