@@ -12,6 +12,8 @@ from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
+import llama_cpp
+
 from ggufchat.engine import grammar as gbnf
 from ggufchat.engine.draft_model import load_draft
 from ggufchat.engine.embeddings import Embedder, EmbeddingInput, Embeddings, EmbeddingSpec, spec_for
@@ -132,6 +134,11 @@ class Engine:
                                      eos=tok.eos if tok.eos >= 0 else None, add_bos=tok.add_bos)
         try:
             self._description = self.model.description()
+            info = self.model.info
+            # A BERT-style encoder (non-causal attention, no decoder) embeds; it cannot continue a text.
+            self.generates = info.get(f"{info.architecture or ''}.attention.causal", True) is not False and (
+                bool(llama_cpp.llama_model_has_decoder(self.model.model))
+                or not llama_cpp.llama_model_has_encoder(self.model.model))
             self._offload_summary = self.model.offload_summary()
             self.template = self._pick_template(chat_template, chat_template_file)
         except BaseException:
@@ -281,6 +288,9 @@ class Engine:
 
     # Requests.
     def _check(self, request: GenerationRequest) -> None:
+        if not self.generates:
+            raise InvalidParameter(f"{self.model_name} is an embedding model: it cannot generate text; use "
+                                   "/v1/embeddings or `ggufchat embed`", param="model")
         if not request.prompt_tokens:
             raise InvalidParameter("the prompt is empty", param="prompt")
         if request.max_tokens is not None and request.max_tokens < 0:

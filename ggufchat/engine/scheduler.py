@@ -351,7 +351,7 @@ class Scheduler:
                 if seq.slot.seq_id in model_drafts:
                     draft = model_drafts[seq.slot.seq_id]
                 elif room > 0 and isinstance(seq.drafter, NgramDrafter):
-                    draft = self._draft(seq, room)
+                    draft = self._draft(seq, room, n_generating)
                 else:
                     draft = []
                 room -= len(draft)
@@ -470,8 +470,11 @@ class Scheduler:
         # next_token takes position len(tokens); the last draft token must leave the last position free
         return min(limit, self.n_ctx_seq - len(seq.slot.tokens) - 2)
 
-    def _draft(self, seq: Sequence, room: int) -> list[int]:
+    def _draft(self, seq: Sequence, room: int, n_generating: int) -> list[int]:
         limit = self._draft_limit(seq, room)
+        if limit > 0:
+            # Looking up costs nothing: only verifying is priced, on the measured step costs.
+            limit = seq.drafter.price.draft_len(self.step_costs, 0.0, n_generating, min(limit, self.draft_max))
         return seq.drafter.draft(limit) if limit > 0 else []
 
     def _model_drafts(self, room: int, n_generating: int) -> dict[int, list[int]]:

@@ -41,6 +41,9 @@ class NgramDrafter:
         self.max_len = START_DRAFT
         self.misses = 0  # drafts in a row of which nothing was accepted
         self.pause = 0  # steps left without drafting
+        # The price of verifying: where extra batch positions are dear (one thread, a big model on a CPU)
+        # a draft must be expected to pay for them, as a draft model's must (best_draft_len).
+        self.price = DraftState()
 
     def push(self, tok: int) -> None:
         h = self.history
@@ -77,6 +80,7 @@ class NgramDrafter:
 
     def update(self, drafted: int, accepted: int) -> None:
         """A draft of `drafted` tokens was verified and `accepted` of them were the model's choice."""
+        self.price.update(drafted, accepted)
         if accepted == drafted:
             self.misses = 0
             self.max_len = min(MAX_DRAFT, self.max_len * 2)

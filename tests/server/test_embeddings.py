@@ -155,3 +155,11 @@ def test_api_key_is_required(minilm_engine: Engine):
         assert post(url, "/v1/embeddings", {"input": "x"}).status_code == 401
         ok = post(url, "/v1/embeddings", {"input": "x"}, headers={"Authorization": "Bearer secret"})
         assert ok.status_code == 200
+
+
+def test_an_embedding_model_refuses_to_chat(client: OpenAI):
+    # A BERT-style encoder has no next-token head: a chat request is a clear 400, not meaningless text.
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(model="all-minilm-l6-v2", messages=[{"role": "user", "content": "hi"}],
+                                       max_tokens=5)
+    assert "embedding model" in str(err.value)
