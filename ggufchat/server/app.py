@@ -15,9 +15,12 @@ from ggufchat.server import body, errors
 from ggufchat.server.lifecycle import ModelHolder, ServerConfig
 from ggufchat.server.metrics import Metrics
 from ggufchat.server.middleware import ApiKeyAuth, BodyLimit, RequestMetrics
+from ggufchat.server.ollama_models import OllamaState
+from ggufchat.server.ollama_protocol import BODY_MODELS as OLLAMA_BODY_MODELS
 from ggufchat.server.protocol import BODY_MODELS
-from ggufchat.server.routes import openai, simple, system, web
+from ggufchat.server.routes import ollama, openai, simple, system, web
 from ggufchat.server.state import ServerState
+from ggufchat.settings import Settings
 
 # Reachable without the API key: load balancers probe it.
 PUBLIC_PATHS = set(system.PROBE_PATHS)
@@ -26,9 +29,11 @@ PUBLIC_GET_PATHS = web.PUBLIC_GET
 
 
 def create_app(config: ServerConfig, *, engine: Engine | None = None, factory: Callable[[], Engine] | None = None,
-               on_fatal: Callable[[BaseException], None] | None = None) -> FastAPI:
+               on_fatal: Callable[[BaseException], None] | None = None, settings: Settings | None = None) -> FastAPI:
     """`engine`: serve this engine (the caller closes it). `factory`: load one in the background at
-    startup, and again after an idle unload (the app closes it)."""
+    startup, and again after an idle unload (the app closes it). `settings`: the model cache and hub
+    endpoints the Ollama API's tags, pull and delete use (default: read from the environment when
+    first needed)."""
     metrics = Metrics()
     holder = ModelHolder(config, metrics, engine=engine, factory=factory, on_fatal=on_fatal)
 
@@ -41,11 +46,12 @@ def create_app(config: ServerConfig, *, engine: Engine | None = None, factory: C
             await holder.stop()
 
     app = FastAPI(title="ggufchat", version=__version__, lifespan=lifespan,
-                  description="OpenAI-compatible API, the seeds' simple APIs, health and metrics for one "
-                              "GGUF model.")
+                  description="OpenAI-compatible API, the Ollama API, the seeds' simple APIs, health and "
+                              "metrics for one GGUF model.")
     app.state.server = ServerState(config, holder, metrics)
+    app.state.ollama = OllamaState(settings)
     errors.install(app)
-    routers = (openai.router, simple.router, system.router, web.router)
+    routers = (openai.router, ollama.router, simple.router, system.router, web.router)
     for router in routers:
         app.include_router(router)
 
@@ -70,7 +76,7 @@ def _document_bodies(app: FastAPI) -> None:
 
     def openapi() -> dict:
         if app.openapi_schema is None:
-            body.add_schemas(generate(), BODY_MODELS)
+            body.add_schemas(generate(), BODY_MODELS + OLLAMA_BODY_MODELS)
         return app.openapi_schema
 
     app.openapi = openapi
