@@ -106,7 +106,8 @@ async def pull(spec: str, settings: Settings) -> AsyncIterator[dict[str, Any]]:
             yield {"status": "success"}
             return
         if total is not None:
-            done = min(total, await asyncio.to_thread(_staging_bytes, store, name))
+            # Never backwards: the files leave the staging folder when they are installed.
+            done = max(last, min(total, await asyncio.to_thread(_staging_bytes, store, name)))
             if done != last:
                 last = done
                 yield {"status": f"pulling {files}", "digest": files, "total": total, "completed": done}
