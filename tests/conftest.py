@@ -29,7 +29,7 @@ SLOW_FILES = {
     "tests/server/test_stall_probe_script.py", "tests/web/test_chat.py", "tests/web/test_reasoning.py",
     "tests/server/test_tools.py", "tests/cli/test_chat_reasoning.py", "tests/engine/test_llama_server_tokens.py",
     "tests/engine/test_logprobs.py", "tests/deploy/test_nginx.py", "tests/deploy/test_drain.py",
-    "tests/deploy/test_prometheus.py",
+    "tests/deploy/test_prometheus.py", "tests/server/test_ollama_pull.py", "tests/server/test_ollama_qwen.py",
 }
 
 
