@@ -16,7 +16,6 @@ from ggufchat.server.lifecycle import ModelHolder, ServerConfig
 from ggufchat.server.metrics import Metrics
 from ggufchat.server.middleware import ApiKeyAuth, BodyLimit, RequestMetrics
 from ggufchat.server.ollama_models import OllamaState
-from ggufchat.server.ollama_protocol import BODY_MODELS as OLLAMA_BODY_MODELS
 from ggufchat.server.protocol import BODY_MODELS
 from ggufchat.server.routes import ollama, openai, simple, system, web
 from ggufchat.server.state import ServerState
@@ -76,7 +75,7 @@ def _document_bodies(app: FastAPI) -> None:
 
     def openapi() -> dict:
         if app.openapi_schema is None:
-            body.add_schemas(generate(), BODY_MODELS + OLLAMA_BODY_MODELS)
+            body.add_schemas(generate(), BODY_MODELS)
         return app.openapi_schema
 
     app.openapi = openapi

@@ -152,7 +152,3 @@ class OllamaDeleteRequest(_Wire):
     model: Text | None = None
     name: Text | None = None
 
-
-# What the routes parse from request bodies (server/body.py), for the OpenAPI document.
-BODY_MODELS: list[type[BaseModel]] = [OllamaChatRequest, OllamaGenerateRequest, OllamaShowRequest, OllamaPullRequest,
-                                      OllamaDeleteRequest]
