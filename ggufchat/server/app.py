@@ -15,6 +15,7 @@ from ggufchat.server import body, errors
 from ggufchat.server.lifecycle import ModelHolder, ServerConfig
 from ggufchat.server.metrics import Metrics
 from ggufchat.server.middleware import ApiKeyAuth, BodyLimit, RequestMetrics
+from ggufchat.server.ollama_errors import OllamaErrorShape
 from ggufchat.server.ollama_models import OllamaState
 from ggufchat.server.protocol import BODY_MODELS
 from ggufchat.server.routes import ollama, openai, simple, system, web
@@ -58,6 +59,7 @@ def create_app(config: ServerConfig, *, engine: Engine | None = None, factory: C
     if config.api_keys:
         app.add_middleware(ApiKeyAuth, keys=config.api_keys, exempt=PUBLIC_PATHS, exempt_get=PUBLIC_GET_PATHS)
     app.add_middleware(BodyLimit, limit=config.max_body_bytes)
+    app.add_middleware(OllamaErrorShape)  # around auth and the body limit: /api/* errors in Ollama's shape
     if config.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=config.cors_origins, allow_methods=["GET", "POST"],
                            allow_headers=["Authorization", "Content-Type"], expose_headers=["Retry-After"],

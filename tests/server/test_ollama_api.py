@@ -13,7 +13,7 @@ import requests
 from ggufchat.server.app import create_app
 from ggufchat.server.lifecycle import ServerConfig
 from ggufchat.settings import Settings
-from tests.server.conftest import running
+from tests.server.conftest import metric, running, wait_for
 
 HI = [{"role": "user", "content": "Hi"}]
 GREEDY = {"temperature": 0, "num_predict": 6}
@@ -207,6 +207,25 @@ def test_errors_are_ollama_shaped(client: ollama.Client, ollama_url: str):
     assert err.value.status_code == 404
 
 
+def test_errors_of_the_layers_in_front_are_ollama_shaped_too(ollama_url: str):
+    r = requests.post(ollama_url + "/api/chat", data=b"x" * (5 << 20), timeout=30,
+                      headers={"Content-Type": "application/json"})
+    assert r.status_code == 413 and r.json() == {"error": "the request body is larger than 4194304 bytes"}
+    assert int(r.headers["content-length"]) == len(r.content)
+    r = requests.get(ollama_url + "/api/nothing-here", timeout=10)
+    assert r.status_code == 404 and isinstance(r.json()["error"], str)
+
+
+def test_a_client_that_goes_away_cancels_its_generation(ollama_url: str, fresh):
+    before = metric(ollama_url, "ggufchat_sequences_cancelled_total", 'why="disconnect"')
+    with requests.post(ollama_url + "/api/chat", stream=True, timeout=60,
+                       json={"model": "m", "messages": HI, "options": {"num_predict": 1000, "temperature": 1}}) as r:
+        first = json.loads(next(r.iter_lines()))
+        assert first["done"] is False and "message" in first
+    assert wait_for(lambda: metric(ollama_url, "ggufchat_sequences_cancelled_total", 'why="disconnect"')
+                    == before + 1, timeout=30)
+
+
 def test_root_for_browsers_and_for_ollama_clients(ollama_url: str):
     page = requests.get(ollama_url + "/", headers={"Accept": "text/html,application/xhtml+xml"}, timeout=10)
     assert page.headers["content-type"].startswith("text/html") and "<title>ggufchat</title>" in page.text
@@ -224,7 +243,13 @@ def test_api_key_is_needed_and_sent_as_a_bearer_token(engine, home, fresh):
         assert requests.get(url + "/api/tags", timeout=10).status_code == 401
         with pytest.raises(ollama.ResponseError) as err:
             ollama.Client(host=url).list()
-        assert err.value.status_code == 401
+        assert err.value.status_code == 401 and err.value.error == "this server needs an API key: send " \
+            "`Authorization: Bearer KEY`"
+        with pytest.raises(ollama.ResponseError) as err:
+            ollama.Client(host=url, headers={"Authorization": "Bearer wrong"}).list()
+        assert err.value.status_code == 401 and err.value.error == "invalid API key"
+        # The OpenAI routes keep their own error shape.
+        assert requests.get(url + "/v1/models", timeout=10).json()["error"]["code"] == "invalid_api_key"
         keyed = ollama.Client(host=url, headers={"Authorization": "Bearer k1"})
         assert [m.model for m in keyed.list().models] == ["keyed"]
         assert keyed.generate(model="keyed", prompt="Hi", options={"num_predict": 2}).eval_count == 2
