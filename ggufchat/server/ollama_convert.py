@@ -96,7 +96,22 @@ def generation_request(options: OllamaOptions, prompt_tokens: list[int], n_ctx_s
         room = n_ctx - len(prompt_tokens)
         max_tokens = room if max_tokens is None else min(max_tokens, room)
     return GenerationRequest(prompt_tokens=list(prompt_tokens), sampling=sampling, max_tokens=max_tokens,
-                             stop=convert.stop_list(options.stop))
+                             stop=stop_list(options.stop))
+
+
+# Ollama sets no limit, and its clients send many (Continue's autocomplete a dozen or more), so more
+# than the OpenAI routes' 4; each one is matched against every token's text on the engine thread.
+MAX_STOPS = 32
+MAX_STOP_CHARS = 256
+
+
+def stop_list(stop: str | list[str] | None) -> list[str]:
+    stops = [s for s in ([stop] if isinstance(stop, str) else stop or []) if s]  # Ollama ignores empty ones
+    if len(stops) > MAX_STOPS:
+        raise InvalidParameter(f"at most {MAX_STOPS} stop sequences", param="stop")
+    if any(len(s) > MAX_STOP_CHARS for s in stops):
+        raise InvalidParameter(f"a stop sequence may have at most {MAX_STOP_CHARS} characters", param="stop")
+    return stops
 
 
 # Fill-in-the-middle: the special tokens of the model families that have them, prefix / suffix / middle,

@@ -118,6 +118,10 @@ def test_stop_strings_end_with_done_reason_stop(client: ollama.Client):
                               options={"temperature": 0, "num_predict": 12, "stop": [" 5"]})
     assert stopped.done_reason == "stop"
     assert " 5" not in stopped.response and free.response.startswith(stopped.response)
+    # More stops than the OpenAI routes take (clients such as Continue send a dozen); empty ones ignored.
+    many = client.generate(model="m", prompt="Count: 1, 2, 3,", raw=True, options={
+        "temperature": 0, "num_predict": 12, "stop": ["", *(f"<stop{i}>" for i in range(20)), " 5"]})
+    assert many.done_reason == "stop" and many.response == stopped.response
 
 
 def test_format_json_and_schema_parse(client: ollama.Client):
@@ -148,7 +152,8 @@ def test_options_are_applied_and_checked(client: ollama.Client, ollama_url: str)
              "stop": ["\n\n"], "seed": 1, "repeat_penalty": 1.1, "repeat_last_n": 32, "presence_penalty": 0.5,
              "frequency_penalty": 0.5, "num_gpu": 99, "num_thread": 2, "use_mmap": True, "mirostat": 0}
     assert client.generate(model="m", prompt="Hi", options=every).eval_count <= 3
-    for bad in ({"temperature": -1}, {"top_p": 2}, {"num_predict": -3}, {"stop": ["a", "b", "c", "d", "e"]},
+    for bad in ({"temperature": -1}, {"top_p": 2}, {"num_predict": -3}, {"stop": [str(i) for i in range(33)]},
+                {"stop": ["x" * 257]},
                 {"seed": 2**40}):
         r = api(ollama_url, "/api/generate", {"model": "m", "prompt": "Hi", "stream": False, "options": bad})
         assert r.status_code == 400 and isinstance(r.json()["error"], str), bad
