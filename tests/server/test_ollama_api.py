@@ -10,9 +10,11 @@ import ollama
 import pytest
 import requests
 
+from ggufchat.engine import Engine, LoadOptions
 from ggufchat.server.app import create_app
 from ggufchat.server.lifecycle import ServerConfig
 from ggufchat.settings import Settings
+from tests.cli.test_chat_reasoning import ANSWER, EXAMPLE, QUESTION, THINK_TEMPLATE, THOUGHT
 from tests.server.conftest import metric, running, wait_for
 
 HI = [{"role": "user", "content": "Hi"}]
@@ -264,3 +266,28 @@ def test_api_key_is_needed_and_sent_as_a_bearer_token(engine, home, fresh):
         assert keyed.generate(model="keyed", prompt="Hi", options={"num_predict": 2}).eval_count == 2
         # The probes Ollama clients make without a key still answer.
         assert requests.head(url + "/", timeout=10).status_code == 200
+
+
+def test_thinking_goes_to_its_own_field(model_path, tmp_path):
+    # A ChatML template that opens <think> in the generation prompt: with the example in the system prompt,
+    # greedy SmolLM2 writes one line of thinking, </think>, then the answer (tests/cli/test_chat_reasoning.py).
+    template = tmp_path / "think.jinja"
+    template.write_text(THINK_TEMPLATE, encoding="utf-8")
+    with Engine(LoadOptions(model_path=model_path, n_seq_max=1, n_ctx=2048), chat_template_file=template) as engine:
+        app = create_app(ServerConfig(model_id="thinker", n_parallel=1), engine=engine,
+                         settings=Settings(home=tmp_path))
+        with running(app) as url:
+            client = ollama.Client(host=url, timeout=120)
+            messages = [{"role": "system", "content": EXAMPLE}, {"role": "user", "content": QUESTION}]
+            opts = {"temperature": 0, "num_predict": 40}
+            r = client.chat(model="t", messages=messages, options=opts, stream=False)
+            assert r.message.thinking.strip() == THOUGHT and r.message.content.strip() == ANSWER
+            parts = list(client.chat(model="t", messages=messages, options=opts, stream=True))
+            assert "".join(p.message.thinking or "" for p in parts).strip() == THOUGHT
+            assert "".join(p.message.content for p in parts).strip() == ANSWER
+            g = client.generate(model="t", prompt=QUESTION, system=EXAMPLE, options=opts)
+            assert g.thinking.strip() == THOUGHT and g.response.strip() == ANSWER
+            # think false: nothing is split off (this template cannot skip thinking; the text stays).
+            off = client.chat(model="t", messages=messages, options=opts, think=False, stream=False)
+            assert not off.message.thinking and THOUGHT in off.message.content
+            assert "thinking" in client.show("t").capabilities
