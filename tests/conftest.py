@@ -30,7 +30,8 @@ SLOW_FILES = {
     "tests/server/test_tools.py", "tests/cli/test_chat_reasoning.py", "tests/engine/test_llama_server_tokens.py",
     "tests/engine/test_logprobs.py", "tests/deploy/test_nginx.py", "tests/deploy/test_drain.py",
     "tests/deploy/test_prometheus.py", "tests/engine/test_embeddings.py", "tests/cli/test_embed.py",
-    "tests/engine/test_draft_model.py", "tests/server/test_speculation.py",
+    "tests/engine/test_draft_model.py", "tests/server/test_speculation.py", "tests/server/test_ollama_pull.py",
+    "tests/server/test_ollama_qwen.py",
 }
 
 

@@ -15,9 +15,12 @@ from ggufchat.server import body, errors
 from ggufchat.server.lifecycle import ModelHolder, ServerConfig
 from ggufchat.server.metrics import Metrics
 from ggufchat.server.middleware import ApiKeyAuth, BodyLimit, RequestMetrics
+from ggufchat.server.ollama_errors import OllamaErrorShape
+from ggufchat.server.ollama_models import OllamaState
 from ggufchat.server.protocol import BODY_MODELS
-from ggufchat.server.routes import embeddings, openai, simple, system, web
+from ggufchat.server.routes import embeddings, ollama, openai, simple, system, web
 from ggufchat.server.state import ServerState
+from ggufchat.settings import Settings
 
 # Reachable without the API key: load balancers probe it.
 PUBLIC_PATHS = set(system.PROBE_PATHS)
@@ -26,9 +29,11 @@ PUBLIC_GET_PATHS = web.PUBLIC_GET
 
 
 def create_app(config: ServerConfig, *, engine: Engine | None = None, factory: Callable[[], Engine] | None = None,
-               on_fatal: Callable[[BaseException], None] | None = None) -> FastAPI:
+               on_fatal: Callable[[BaseException], None] | None = None, settings: Settings | None = None) -> FastAPI:
     """`engine`: serve this engine (the caller closes it). `factory`: load one in the background at
-    startup, and again after an idle unload (the app closes it)."""
+    startup, and again after an idle unload (the app closes it). `settings`: the model cache and hub
+    endpoints the Ollama API's tags, pull and delete use (default: read from the environment when
+    first needed)."""
     metrics = Metrics()
     holder = ModelHolder(config, metrics, engine=engine, factory=factory, on_fatal=on_fatal)
 
@@ -41,11 +46,12 @@ def create_app(config: ServerConfig, *, engine: Engine | None = None, factory: C
             await holder.stop()
 
     app = FastAPI(title="ggufchat", version=__version__, lifespan=lifespan,
-                  description="OpenAI-compatible API, the seeds' simple APIs, health and metrics for one "
-                              "GGUF model.")
+                  description="OpenAI-compatible API, the Ollama API, the seeds' simple APIs, health and "
+                              "metrics for one GGUF model.")
     app.state.server = ServerState(config, holder, metrics)
+    app.state.ollama = OllamaState(settings)
     errors.install(app)
-    routers = (openai.router, embeddings.router, simple.router, system.router, web.router)
+    routers = (openai.router, embeddings.router, ollama.router, simple.router, system.router, web.router)
     for router in routers:
         app.include_router(router)
 
@@ -53,6 +59,7 @@ def create_app(config: ServerConfig, *, engine: Engine | None = None, factory: C
     if config.api_keys:
         app.add_middleware(ApiKeyAuth, keys=config.api_keys, exempt=PUBLIC_PATHS, exempt_get=PUBLIC_GET_PATHS)
     app.add_middleware(BodyLimit, limit=config.max_body_bytes)
+    app.add_middleware(OllamaErrorShape)  # around auth and the body limit: /api/* errors in Ollama's shape
     if config.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=config.cors_origins, allow_methods=["GET", "POST"],
                            allow_headers=["Authorization", "Content-Type"], expose_headers=["Retry-After"],

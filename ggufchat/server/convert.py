@@ -28,6 +28,7 @@ from ggufchat.server.protocol import (
     NamedToolChoice,
     ResponseFormat,
     SimpleRequest,
+    Tool,
     _Sampling,
 )
 
@@ -148,10 +149,18 @@ class ToolPlan:
 
 
 def tool_plan(req: ChatCompletionRequest, template_source: str | None, limits: GrammarLimits) -> ToolPlan:
-    choice = req.tool_choice
+    shaped = req.response_format is not None and req.response_format.type != "text"
+    return plan_tools(req.tools, req.tool_choice, template_source, limits, shaped=shaped,
+                      parallel=req.parallel_tool_calls)
+
+
+def plan_tools(tools: list[Tool] | None, choice: str | NamedToolChoice | None, template_source: str | None,
+               limits: GrammarLimits, *, shaped: bool, parallel: bool) -> ToolPlan:
+    """tool_plan for any route: `shaped` when a response format (a grammar of its own) shapes the reply.
+    The Ollama routes use it too (their tool choice is always auto)."""
     named = choice.function.name if isinstance(choice, NamedToolChoice) else None
     specs = tuple(ToolSpec(t.function.name, t.function.description or "",
-                           t.function.parameters or {"type": "object", "properties": {}}) for t in req.tools or ())
+                           t.function.parameters or {"type": "object", "properties": {}}) for t in tools or ())
     if not specs:
         if choice == "required" or named:
             raise InvalidParameter("tool_choice needs tools to choose from", param="tool_choice")
@@ -164,17 +173,16 @@ def tool_plan(req: ChatCompletionRequest, template_source: str | None, limits: G
     if named and named not in names:
         raise InvalidParameter(f"tool_choice names {named!r}, which is not among the tools", param="tool_choice")
     family = formats.tool_family(template_source)
-    shaped = req.response_format is not None and req.response_format.type != "text"
     if choice == "required" or named:
         if shaped:
             raise InvalidParameter("a forced tool call (tool_choice required or a named function) and a "
                                    "response_format cannot both shape the reply; drop one", param="response_format")
         forced = [t for t in specs if t.name == named] if named else list(specs)
-        grammar = formats.tool_grammar(forced, family, name=named, parallel=req.parallel_tool_calls, limits=limits)
+        grammar = formats.tool_grammar(forced, family, name=named, parallel=parallel, limits=limits)
         return ToolPlan(specs, family, grammar)
     if shaped:  # auto with a response_format: that grammar shapes the reply (docs/tools.md)
         return ToolPlan(specs, family)
-    grammar, triggers = formats.lazy_tool_grammar(specs, family, parallel=req.parallel_tool_calls, limits=limits)
+    grammar, triggers = formats.lazy_tool_grammar(specs, family, parallel=parallel, limits=limits)
     return ToolPlan(specs, family, grammar, triggers)
 
 

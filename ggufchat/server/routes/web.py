@@ -1,8 +1,9 @@
 """The web chat page: `GET /` (and `/ui`) and its static files, shipped in ggufchat/server/web/.
 
 The page holds no secret, so it loads without the API key (app.py exempts PUBLIC_GET); it asks the
-user for the key and sends it with its own API calls. Every GET / gets the page, browser or not: the
-seeds' JSON API is `POST /`, which is untouched. The files are read from the package once, as they
+user for the key and sends it with its own API calls. GET / gets the page, browser or curl, unless the
+client accepts neither HTML nor */* (an Ollama client: it gets "Ollama is running"); HEAD / answers 200.
+The seeds' JSON API is `POST /`, which is untouched. The files are read from the package once, as they
 are: no build step, nothing from a CDN, and a Content-Security-Policy that allows only this origin.
 """
 
@@ -54,8 +55,32 @@ def page(request: Request) -> Response:
                  {"Content-Security-Policy": CSP, "X-Frame-Options": "DENY"})
 
 
-for _path in PAGES:
-    router.add_api_route(_path, page, methods=["GET"])
+# Ollama's answer to `GET /`: what its clients probe for. Browsers ask for text/html and get the page;
+# curl and scripts send */* (or no Accept) and get the page too, as before. Only a client that names
+# other types and not HTML (an Ollama client asking for application/json or text/plain) gets this line.
+OLLAMA_RUNNING = "Ollama is running"
+
+
+def _wants_page(accept: str) -> bool:
+    accept = accept.lower()
+    return not accept.strip() or "text/html" in accept or "*/*" in accept
+
+
+def root(request: Request) -> Response:
+    """The chat page, or Ollama's "Ollama is running" for a client that does not take HTML."""
+    if _wants_page(request.headers.get("accept", "")):
+        return page(request)
+    return Response(OLLAMA_RUNNING, media_type="text/plain; charset=utf-8", headers=_COMMON)
+
+
+def root_head(request: Request) -> Response:
+    """`HEAD /`: 200 while the server runs (the Ollama CLI's heartbeat)."""
+    return Response(status_code=200, headers={**_COMMON, "Content-Type": "text/plain; charset=utf-8"})
+
+
+router.add_api_route("/", root, methods=["GET"])
+router.add_api_route("/", root_head, methods=["HEAD"])
+router.add_api_route("/ui", page, methods=["GET"])
 
 
 def _asset_route(name: str, media_type: str):
