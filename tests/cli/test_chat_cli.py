@@ -105,5 +105,14 @@ def test_bench_prints_a_row_per_test():
     assert result.returncode == 0, result.stderr
     rows = [json.loads(line) for line in result.stdout.splitlines()]
     assert [r["test"] for r in rows] == ["pp32", "tg8", "batched pp16", "batched tg8", "batched pp16",
-                                        "batched tg8"]
+                                        "batched tg8", "edit"]
     assert all(r["tokens_per_second"] > 0 for r in rows)
+    assert rows[-1]["drafted"] == 0  # --spec none, the default
+
+
+def test_bench_edit_row_with_speculation():
+    result = run_cli("bench", "-p", "16", "-n", "4", "-npp", "8", "-npl", "1", "-r", "1", "--spec", "ngram", "--json")
+    assert result.returncode == 0, result.stderr
+    edit = json.loads(result.stdout.splitlines()[-1])
+    assert edit["test"] == "edit" and edit["tokens"] > 100
+    assert 0 < edit["accepted"] <= edit["drafted"]
