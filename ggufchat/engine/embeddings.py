@@ -115,7 +115,8 @@ class Embedder:
         self.pack_tokens = BATCH_TOKENS
 
     # Any thread.
-    def tokenize(self, inputs: Sequence[EmbeddingInput], param: str = "input") -> list[list[int]]:
+    def tokenize(self, inputs: Sequence[EmbeddingInput], param: str = "input",
+                 truncate: bool = False) -> list[list[int]]:
         """Each input as the token ids the model embeds: text with the model's special tokens around it
         (BOS; BERT's [CLS] .. [SEP]) and never parsed for special tokens; a token list as given."""
         if isinstance(inputs, str):
@@ -137,6 +138,8 @@ class Embedder:
                 self.tokenizer.check_ids(tokens, param)
             if not tokens:
                 raise InvalidParameter(f"{where} has no tokens", param=param)
+            if truncate and isinstance(item, str) and len(tokens) > self.spec.max_tokens:
+                tokens = self._truncated(item, tokens)
             if len(tokens) > self.spec.max_tokens:
                 raise InvalidParameter(
                     f"{where} is {len(tokens)} tokens; this model embeds at most {self.spec.max_tokens} tokens "
@@ -144,14 +147,23 @@ class Embedder:
             lists.append(tokens)
         return lists
 
+    def _truncated(self, text: str, tokens: list[int]) -> list[int]:
+        """`tokens` (text with the model's special tokens around it) cut to the model's limit: the start
+        of the text, and the special tokens kept on both sides (BERT's [SEP] ends every input)."""
+        plain = self.tokenizer.tokenize(text, add_special=False, parse_special=False)
+        head = 1 if len(tokens) > len(plain) and (not plain or tokens[0] != plain[0]) else 0
+        tail = max(0, len(tokens) - len(plain) - head)
+        keep = max(0, self.spec.max_tokens - head - tail)
+        return tokens[:head] + plain[:keep] + tokens[len(tokens) - tail:]
+
     def embed(self, inputs: Sequence[EmbeddingInput], *, dimensions: int | None = None,
-              stop: threading.Event | None = None) -> Embeddings:
+              stop: threading.Event | None = None, truncate: bool = False) -> Embeddings:
         """Normalised vectors for texts and/or token lists (blocks until the engine thread is done). Once
         `stop` is set, no further batch starts: EmbeddingCancelled."""
         if dimensions is not None and not 1 <= dimensions <= self.spec.n_embd:
             raise InvalidParameter(f"dimensions must be between 1 and {self.spec.n_embd} (this model's size), "
                                    f"not {dimensions}", param="dimensions")
-        token_lists = self.tokenize(inputs)
+        token_lists = self.tokenize(inputs, truncate=truncate)
         vectors = np.empty((len(token_lists), self.spec.n_embd), dtype=np.float32)
         for group in self._groups(token_lists):
             if stop is not None and stop.is_set():

@@ -367,10 +367,11 @@ class Engine:
         return self._embeddings().spec
 
     def embed(self, inputs: list[EmbeddingInput], *, dimensions: int | None = None,
-              stop: threading.Event | None = None) -> Embeddings:
+              stop: threading.Event | None = None, truncate: bool = False) -> Embeddings:
         """L2-normalised vectors and token counts for texts and/or token lists; blocks (call it off the
-        event loop). Many inputs are decoded together; setting `stop` ends it between two batches."""
-        return self._embeddings().embed(inputs, dimensions=dimensions, stop=stop)
+        event loop). Many inputs are decoded together; setting `stop` ends it between two batches. A text
+        longer than the model takes is refused, or with `truncate` cut to its start (Ollama's default)."""
+        return self._embeddings().embed(inputs, dimensions=dimensions, stop=stop, truncate=truncate)
 
     def _embeddings(self) -> Embedder:
         with self._embedder_lock:

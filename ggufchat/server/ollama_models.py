@@ -180,13 +180,15 @@ def show(srv: ServerState, state: OllamaState, target: Target, engine) -> dict[s
     model = _local(state, target.name, path)
     info = model.info
     template = engine.template.source or ""
-    capabilities = ["completion"]
-    if engine.template.supports_tools:
-        capabilities.append("tools")
-    if oc.fim_tokens(engine.tokenize, info.metadata, engine.n_vocab) is not None:
-        capabilities.append("insert")
-    if "<think>" in template:
-        capabilities.append("thinking")
+    capabilities = ["embedding"]  # an encoder (BERT-style) only embeds
+    if engine.generates:
+        capabilities = ["completion"]
+        if engine.template.supports_tools:
+            capabilities.append("tools")
+        if oc.fim_tokens(engine.tokenize, info.metadata, engine.n_vocab) is not None:
+            capabilities.append("insert")
+        if "<think>" in template:
+            capabilities.append("thinking")
     defaults = SamplingParams()
     parameters = "\n".join(f"{k:<30} {v}" for k, v in (
         ("num_ctx", engine.n_ctx_seq), ("temperature", defaults.temperature), ("top_k", defaults.top_k),

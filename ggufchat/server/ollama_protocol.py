@@ -152,3 +152,21 @@ class OllamaDeleteRequest(_Wire):
     model: Text | None = None
     name: Text | None = None
 
+
+
+class OllamaEmbedRequest(_Wire):
+    model: Text = Field(min_length=1)
+    input: Text | list[Text] = ""  # "" or []: only load the model, as in Ollama
+    truncate: bool = True  # Ollama's default: a text longer than the model takes is cut, not refused
+    dimensions: int | None = Field(default=None, ge=1)
+    options: OllamaOptions = Field(default_factory=OllamaOptions)
+    keep_alive: KeepAlive = None
+
+
+class OllamaEmbeddingsRequest(_Wire):
+    """The older /api/embeddings: one `prompt`, one `embedding`."""
+
+    model: Text = Field(min_length=1)
+    prompt: Text = ""
+    options: OllamaOptions = Field(default_factory=OllamaOptions)
+    keep_alive: KeepAlive = None

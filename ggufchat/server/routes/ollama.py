@@ -33,6 +33,8 @@ from ggufchat.server.ollama_models import OllamaState, Target
 from ggufchat.server.ollama_protocol import (
     OllamaChatRequest,
     OllamaDeleteRequest,
+    OllamaEmbeddingsRequest,
+    OllamaEmbedRequest,
     OllamaGenerateRequest,
     OllamaPullRequest,
     OllamaShowRequest,
@@ -155,6 +157,48 @@ async def pull(request: Request, srv: ServerState = Depends(server_state)):
             yield oc.Lines.error(error_message(exc))
 
     return StreamingResponse(lines(), media_type=NDJSON)
+
+
+# ------------------------------------------------------------------ embeddings
+@router.post("/api/embed")
+async def embed(request: Request, srv: ServerState = Depends(server_state)):
+    """Embeddings for a string or an array of strings: L2-normalised, texts too long cut unless truncate
+    is false (then a 400)."""
+    t_arrival = time.perf_counter()
+    body = await parse(request, OllamaEmbedRequest, srv.holder)
+    texts = [body.input] if isinstance(body.input, str) else body.input
+    if any(texts) and not all(texts):
+        raise InvalidParameter("input has an empty string", param="input")
+    target = ollama_models.resolve(srv, body.model)
+    load_seconds = await _loaded(target)
+    vectors, count = await _embed(target, texts, body.dimensions, body.truncate) if any(texts) else ([], 0)
+    return {"model": body.model, "embeddings": vectors, "total_duration": oc.ns(time.perf_counter() - t_arrival),
+            "load_duration": oc.ns(load_seconds), "prompt_eval_count": count}
+
+
+@router.post("/api/embeddings")
+async def embeddings(request: Request, srv: ServerState = Depends(server_state)):
+    """The older form: one `prompt`, one `embedding` (Ollama cuts a long prompt here too)."""
+    body = await parse(request, OllamaEmbeddingsRequest, srv.holder)
+    target = ollama_models.resolve(srv, body.model)
+    await _loaded(target)
+    if not body.prompt:
+        return {"embedding": []}
+    vectors, _ = await _embed(target, [body.prompt], None, True)
+    return {"embedding": vectors[0]}
+
+
+async def _embed(target: Target, texts: list[str], dimensions: int | None,
+                 truncate: bool) -> tuple[list[list[float]], int]:
+    lease = await target.holder.lease(1)  # one place in the admission count, as /v1/embeddings takes
+    try:
+        def work() -> tuple[list[list[float]], int]:
+            result = lease.engine.embed(texts, dimensions=dimensions, truncate=truncate)
+            return result.vectors.tolist(), result.prompt_tokens
+
+        return await target.holder.off_loop(work)
+    finally:
+        lease.release()
 
 
 # ------------------------------------------------------------------ generation
