@@ -21,7 +21,14 @@ _RAW = "Raw mode (llama-cli compatible)"
 
 def _announce(engine: Engine) -> None:
     print(f"ggufchat: model {engine.model_path} ({engine.model_description}, template {engine.template.name}, "
-          f"context {engine.n_ctx_seq} tokens, {engine.offload_summary()})", file=sys.stderr)
+          f"context {engine.n_ctx_seq} tokens, {engine.offload_summary()}{_speculation(engine)})", file=sys.stderr)
+
+
+def _speculation(engine: Engine) -> str:
+    o = engine.options
+    if o.spec == "draft":
+        return f", drafts from {o.model_draft.name}"
+    return ", n-gram drafts" if o.spec == "ngram" else ""
 
 
 def _use_color(flag: bool | None, settings: Settings) -> bool:

@@ -140,6 +140,12 @@ def serve(
     _run(config, load, limits, grammar, host, port, engine_flags.engine_kwargs(), drain_timeout)
 
 
+def _speculation(load) -> str:
+    if load.spec == "draft":
+        return f"; drafts from {Path(load.model_draft).name}"
+    return "; n-gram drafts" if load.spec == "ngram" else ""
+
+
 def _model_id(spec: str | None, path: Path) -> str:
     from ggufchat.models.embedded import NAME
 
@@ -194,7 +200,8 @@ def _run(config, load, limits, grammar, host: str, port: int, engine_kwargs: dic
     app = create_app(config, factory=factory, on_fatal=on_fatal)
     url_host = f"[{host}]" if ":" in host else host
     print(f"ggufchat: serving {load.model_path} as {config.model_id!r} on http://{url_host}:{bound} "
-          f"(-np {config.n_parallel}; OpenAI API at /v1, docs at /docs)", file=sys.stderr, flush=True)
+          f"(-np {config.n_parallel}{_speculation(load)}; OpenAI API at /v1, docs at /docs)", file=sys.stderr,
+          flush=True)
     raise_open_file_limit(limits.max_connections)
     server = _draining_server(uvicorn_config(app, limits, graceful_shutdown=5), app.state.server.holder,
                               drain_timeout)
