@@ -382,7 +382,7 @@ class Scheduler:
         self.decode_seconds += took
         self.steps += 1
         if n == n_generation:
-            self.step_costs.record(n, took)
+            self.step_costs.record(n, took, sequences=n_generating)
         if status != 0:
             self._decode_failed(status)
             return
@@ -474,20 +474,22 @@ class Scheduler:
         limit = self._draft_limit(seq, room)
         if limit > 0:
             # Looking up costs nothing: only verifying is priced, on the measured step costs.
-            limit = seq.drafter.price.draft_len(self.step_costs, 0.0, n_generating, min(limit, self.draft_max))
+            limit = seq.drafter.price.draft_len(self.step_costs.view(n_generating), 0.0, n_generating,
+                                                min(limit, self.draft_max))
         return seq.drafter.draft(limit) if limit > 0 else []
 
     def _model_drafts(self, room: int, n_generating: int) -> dict[int, list[int]]:
         """The draft model's drafts for this step, by sequence id: each sequence's length priced on the
         measured cost of a step and of a draft pass, and its own acceptance (speculative.py)."""
         draft = self.draft_model
-        pass_seconds = draft.pass_seconds if draft.pass_seconds is not None else self.step_costs(1) * draft.size_ratio
+        costs = self.step_costs.view(n_generating)
+        pass_seconds = draft.pass_seconds if draft.pass_seconds is not None else costs(1) * draft.size_ratio
         wants = []
         for seq in self._active:
             if seq.next_token is None or not isinstance(seq.drafter, DraftState) or room <= 0:
                 continue
             k_max = min(self._draft_limit(seq, room), self.draft_max)
-            k = seq.drafter.draft_len(self.step_costs, pass_seconds, n_generating, k_max) if k_max > 0 else 0
+            k = seq.drafter.draft_len(costs, pass_seconds, n_generating, k_max) if k_max > 0 else 0
             if k < max(self.draft_min, 1):
                 continue
             room -= k

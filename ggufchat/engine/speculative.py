@@ -163,29 +163,48 @@ class DraftState:
 
 
 class StepCosts:
-    """What a plain generation step costs by its number of batch positions, measured (an EWMA per size).
-    Sizes not yet measured are guessed from the nearest smaller measured one, optimistically: so a
-    draft length is tried once and then judged on its measured cost."""
+    """What a plain generation step costs by its number of batch positions, measured (an EWMA per size),
+    separately for each number of generating sequences (1, 2, 3, 4 and more): with a KV stream per
+    sequence, 8 positions of 8 sequences cost more than 8 positions of one sequence and its draft, so a
+    busy spell must not price a lone sequence's drafts. Sizes not yet measured are guessed from the
+    nearest smaller measured one, optimistically: so a draft length is tried once and then judged on its
+    measured cost."""
 
     SIZES = 64
+    SEQUENCES = 4
     SMOOTHING = 0.1
 
     def __init__(self) -> None:
-        self.seconds: list[float | None] = [None] * (self.SIZES + 1)
+        self.tables: list[list[float | None]] = [[None] * (self.SIZES + 1) for _ in range(self.SEQUENCES + 1)]
 
-    def record(self, n: int, seconds: float) -> None:
+    def record(self, n: int, seconds: float, sequences: int = 1) -> None:
+        table = self.tables[min(max(sequences, 1), self.SEQUENCES)]
         if 0 < n <= self.SIZES:
-            old = self.seconds[n]
+            old = table[n]
             if old is None:
-                self.seconds[n] = seconds
+                table[n] = seconds
             else:
                 # One step preempted by another process must not reprice every draft: a sample moves
                 # the estimate as if it were at most twice (or half) the estimate.
                 sample = min(max(seconds, old / 2), old * 2)
-                self.seconds[n] = old + self.SMOOTHING * (sample - old)
+                table[n] = old + self.SMOOTHING * (sample - old)
+
+    def view(self, sequences: int) -> Callable[[int], float]:
+        """step_seconds(n) for steps with this many generating sequences."""
+        table = self.tables[min(max(sequences, 1), self.SEQUENCES)]
+
+        def seconds(n: int) -> float:
+            for m in range(min(n, self.SIZES), 0, -1):
+                if table[m] is not None:
+                    return table[m]
+            return 0.01
+
+        return seconds
+
+    @property
+    def seconds(self) -> list[float | None]:
+        """The one-sequence table (what a lone sequence's drafts are priced on)."""
+        return self.tables[1]
 
     def __call__(self, n: int) -> float:
-        for m in range(min(n, self.SIZES), 0, -1):
-            if self.seconds[m] is not None:
-                return self.seconds[m]
-        return 0.01
+        return self.view(1)(n)

@@ -108,6 +108,14 @@ def test_step_costs_guess_unmeasured_sizes_from_smaller_ones():
     assert c(1) <= 0.040 * 1.1
 
 
+def test_busy_steps_do_not_price_a_lone_sequence():
+    c = StepCosts()
+    c.record(1, 0.030)
+    c.record(8, 0.300, sequences=8)  # eight sequences, a KV stream each
+    assert c.view(1)(8) == 0.030  # one sequence's 8 positions: not measured yet, guessed optimistically
+    assert c.view(8)(8) == 0.300 and c.view(5)(8) == 0.300  # 4 and more share one table
+
+
 # Options.
 
 def test_draft_options_are_checked(model_path):
