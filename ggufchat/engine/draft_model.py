@@ -20,6 +20,7 @@ import numpy as np
 
 from ggufchat.engine.loader import LoadedModel, LoadOptions
 from ggufchat.engine.sampling import LogitsRows
+from ggufchat.engine.tokens import common_prefix
 from ggufchat.errors import ModelLoadError
 
 CATCH_UP_CHUNK = 256  # most tokens of a sequence's missing context the draft model decodes in one step
@@ -126,7 +127,7 @@ class DraftModel:
         room = self.model.n_batch
         for sid, context, _ in wants:
             held = self.tokens[sid]
-            keep = _common_prefix(held, context)
+            keep = common_prefix(held, context)
             if keep == len(context):
                 keep -= 1  # the last token is decoded again for its logits
             if keep < len(held):
@@ -198,18 +199,3 @@ class DraftModel:
         if np.exp(row - top, dtype=np.float32).sum() > 1.0 / P_MIN or tok >= self.target_n_vocab:
             return None
         return tok
-
-
-def _common_prefix(a: list[int], b: list[int]) -> int:
-    """Binary search with slice comparisons (C loops): called every step on whole contexts."""
-    lo, hi = 0, min(len(a), len(b))
-    if a[:hi] == b[:hi]:
-        return hi
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        if a[:mid] == b[:mid]:
-            lo = mid
-        else:
-            hi = mid - 1
-    return lo
-

@@ -27,7 +27,7 @@ from ggufchat.engine.logprobs import next_token_logprobs, token_logprob
 from ggufchat.engine.sampling import LogitsRows, Sampler, logits_block
 from ggufchat.engine.speculative import DraftState, NgramDrafter, StepCosts
 from ggufchat.engine.stops import StopMatcher
-from ggufchat.engine.tokens import Detokenizer, Tokenizer
+from ggufchat.engine.tokens import Detokenizer, Tokenizer, common_prefix
 from ggufchat.engine.types import Delta, Event, Finish, GenerationRequest, Usage
 from ggufchat.errors import DecodeError, EngineStopped
 from ggufchat.machine import available_cpus
@@ -130,14 +130,6 @@ class Sequence:
     chunk_index: int = -1  # batch index of the first token of a prompt chunk that outputs every row
     drafter: NgramDrafter | DraftState | None = None  # greedy sequences that may speculate (speculative.py)
     draft: list[int] = field(default_factory=list)  # drafted tokens after next_token in the current batch
-
-
-def common_prefix(a: list[int], b: list[int]) -> int:
-    n = min(len(a), len(b))
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i
 
 
 def pick_slot(slots: list[Slot], prompt: list[int]) -> Slot:

@@ -201,10 +201,5 @@ class StepCosts:
 
         return seconds
 
-    @property
-    def seconds(self) -> list[float | None]:
-        """The one-sequence table (what a lone sequence's drafts are priced on)."""
-        return self.tables[1]
-
     def __call__(self, n: int) -> float:
         return self.view(1)(n)

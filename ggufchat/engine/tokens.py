@@ -44,6 +44,27 @@ def encode_text(text: str) -> bytes:
         return _scrub_surrogates(text).encode("utf-8")
 
 
+def common_prefix(a: list[int], b: list[int]) -> int:
+    """How many leading tokens `a` and `b` share. Called every step on whole contexts (the draft model's
+    catch-up) and on every free slot per admission: the long shared head is compared with one slice
+    comparison (a C loop), only the last tokens one by one."""
+    n = min(len(a), len(b))
+    lo = max(0, n - 64)
+    if a[:lo] != b[:lo]:  # they part early: binary search for the longest equal head below lo
+        hi = lo - 1
+        lo = 0
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if a[:mid] == b[:mid]:
+                lo = mid
+            else:
+                hi = mid - 1
+        return lo
+    while lo < n and a[lo] == b[lo]:
+        lo += 1
+    return lo
+
+
 class Tokenizer:
     """Thin, thread-safe wrapper over a llama.cpp vocab (tokenizing only reads the vocab)."""
 
