@@ -79,6 +79,16 @@ class QueueFull(GgufchatError):
         self.retry_after = retry_after
 
 
+class NoRoom(GgufchatError):
+    """A model cannot be loaded now: the memory budget or --max-loaded is full of models answering
+    requests, and none became free in time."""
+
+    def __init__(self, message: str, *, retry_after: int) -> None:
+        super().__init__(message, hint="Retry shortly, or start the server with a larger --memory-budget or "
+                                       "--max-loaded.")
+        self.retry_after = retry_after
+
+
 class RequestTimeout(GgufchatError):
     """A request ran past the server's --timeout."""
 

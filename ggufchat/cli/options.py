@@ -189,6 +189,11 @@ class EngineFlags:
     def seed(self) -> int | None:
         return self.values.get("seed")
 
+    def for_model(self, spec: str | None, settings: dict[str, Any] | None = None) -> EngineFlags:
+        """These flags for another model (`spec` as MODEL would be given), with `settings` (values by
+        option name, as typer would parse them) over them: one model of a server holding several."""
+        return EngineFlags({**self.values, "model_arg": spec, "model": None, **(settings or {})})
+
     def load_options(self, **fixed: Any) -> LoadOptions:
         """LoadOptions from the flags, plus `fixed`: fields the verb sets itself (serve's -np is n_seq_max,
         bench sizes the context and pins the seed)."""

@@ -15,15 +15,39 @@ from ggufchat.engine.grammar import GrammarLimits
 from ggufchat.errors import InvalidParameter
 
 _SERVER = "Server"
+_MODELS = "Several models"
 
 
 def _env(name: str) -> dict:
     return {"envvar": f"GGUFCHAT_{name}", "show_envvar": True, "rich_help_panel": _SERVER}
 
 
-@o.engine_options()
+def _models_env(name: str) -> dict:
+    return {"envvar": f"GGUFCHAT_{name}", "show_envvar": True}
+
+
+@o.engine_options(omit=("model_arg",))
 def serve(
     *,  # engine_flags, filled in by engine_options, has no default
+    models: Annotated[list[str] | None, typer.Argument(
+        metavar="MODEL", show_default=False,
+        help="Models: .gguf paths, cached models or aliases. One: it answers every request, whatever "
+             "`model` they name. None or several: each request's `model` picks one, loaded on first use "
+             "(none: every cached model and the embedded SmolLM2-135M).")] = None,
+    models_dir: Annotated[Path | None, typer.Option("--models-dir", help="Also serve every .gguf in DIR, by "
+                                                    "file name.", **_models_env("MODELS_DIR"), rich_help_panel=_MODELS)]
+    = None,
+    models_config: Annotated[Path | None, typer.Option("--models-config", help="Per-model settings (context, "
+                                                       "-np, -ngl, template, speculation, aliases, keep_alive): "
+                                                       "a TOML file, see docs/models.md.",
+                                                       **_models_env("MODELS_CONFIG"), rich_help_panel=_MODELS)] = None,
+    max_loaded: Annotated[int, typer.Option("--max-loaded", help="Models loaded at once; the least recently "
+                                            "used idle one is unloaded for the next (0 = as the memory budget "
+                                            "allows).", **_models_env("MAX_LOADED"), rich_help_panel=_MODELS)] = 0,
+    memory_budget: Annotated[str, typer.Option("--memory-budget", help="Memory the loaded models may take "
+                                               "together, e.g. 12GiB (auto = the RAM, and GPU memory with "
+                                               "-ngl, free at start less 1 GiB each; 0 = no limit).",
+                                               **_models_env("MEMORY_BUDGET"), rich_help_panel=_MODELS)] = "auto",
     host: Annotated[str, typer.Option("--host", help="Address to listen on (0.0.0.0 exposes the server to "
                                       "your network: set an API key).", **_env("HOST"))] = "127.0.0.1",
     port: Annotated[int, typer.Option("--port", help="Port (0 = any free port).", **_env("PORT"))] = 6006,
@@ -41,8 +65,9 @@ def serve(
                                            "beyond that the server answers 429.", **_env("MAX_QUEUE"))] = 64,
     timeout: Annotated[float, typer.Option("--timeout", help="Seconds a request may take (0 = no limit).",
                                            **_env("TIMEOUT"))] = 600,
-    idle_unload: Annotated[float, typer.Option("--idle-unload", help="Free the model after this many seconds "
-                                               "without requests; the next request reloads it (0 = never).",
+    idle_unload: Annotated[float, typer.Option("--idle-unload", help="Free a model after this many seconds "
+                                               "without requests; the next request reloads it (0 = never). "
+                                               "A request's keep_alive (Ollama API) overrides it.",
                                                **_env("IDLE_UNLOAD"))] = 0,
     max_body: Annotated[int, typer.Option("--max-body", help="Largest request body in bytes.",
                                           **_env("MAX_BODY"))] = 4 << 20,
@@ -83,13 +108,14 @@ def serve(
                                                  "engine has held work this many seconds without decoding "
                                                  "a step.", **_env("WEDGE_TIMEOUT"))] = 120,
     alias: Annotated[str | None, typer.Option("--alias", help="Model id reported by /v1/models (default: "
-                                                 "the MODEL you named, or the file name).",
+                                                 "the MODEL you named, or the file name); with several models, "
+                                                 "the default model's.",
                                                  **_env("ALIAS"))] = None,
     verbose: Annotated[bool, typer.Option("-v", "--verbose", help="Show llama.cpp's log.",
                                           rich_help_panel=_SERVER)] = False,
     engine_flags: o.EngineFlags,
 ) -> None:
-    """Serve a model over HTTP: OpenAI API (/v1), POST / and /chat, /health, /metrics, /docs."""
+    """Serve models over HTTP: OpenAI API (/v1), Ollama API (/api), POST / and /chat, /health, /metrics, /docs."""
     from ggufchat.cli.main import setup_logging
 
     setup_logging(verbose=verbose)
@@ -102,21 +128,37 @@ def serve(
     if min(max_messages, max_grammar_bytes, max_grammar_alternatives, max_schema_bytes) < 1:
         raise InvalidParameter("--max-messages, --max-grammar-bytes, --max-grammar-alternatives and "
                                "--max-schema-bytes must be at least 1")
+    if max_loaded < 0:
+        raise InvalidParameter("--max-loaded must be >= 0", param="max_loaded")
+    budget = None if memory_budget.strip().lower() == "auto" else _parse_size(memory_budget)
     if drain_timeout < 0 or wedge_timeout <= 0:
         raise InvalidParameter("--drain-timeout must be >= 0 and --wedge-timeout positive")
+    grammar = GrammarLimits(max_bytes=max_grammar_bytes, max_alternatives=max_grammar_alternatives,
+                            max_schema_bytes=max_schema_bytes)
     if min(header_timeout, body_timeout, keep_alive, max_connections) < 0:
         raise InvalidParameter("--header-timeout, --body-timeout, --keep-alive and --max-connections must be >= 0")
-    spec = engine_flags.model
-    load = engine_flags.load_options(n_seq_max=parallel)
-    # A file that is not a GGUF fails here, before the port is taken.
+    named = [*(models or []), *([engine_flags.model] if engine_flags.model else [])]
+    from ggufchat.settings import load_settings
+
+    single = not models_dir and not models_config and (len(named) == 1 or (not named and load_settings().model))
     from ggufchat.models.gguf import read_gguf
 
-    read_gguf(load.model_path)
+    catalog = load = None
+    if single:
+        spec = named[0] if named else None
+        load = engine_flags.for_model(spec).load_options(n_seq_max=parallel)
+        # A file that is not a GGUF fails here, before the port is taken.
+        read_gguf(load.model_path)
+        model_id = alias or _model_id(spec, load.model_path)
+    else:
+        catalog = _catalog(engine_flags, named, models_dir, models_config, parallel, max_loaded, budget, grammar,
+                           alias)
+        model_id = catalog.default
 
     from ggufchat.server.lifecycle import ServerConfig
 
     config = ServerConfig(
-        model_id=alias or _model_id(spec, load.model_path),
+        model_id=model_id,
         n_parallel=parallel,
         api_keys=_api_keys(api_key, api_key_file),
         cors_origins=[origin for value in cors_origin or [] for origin in value.split()],
@@ -135,9 +177,27 @@ def serve(
 
     limits = HttpLimits(header_timeout=header_timeout or None, body_timeout=body_timeout or None,
                         keep_alive=keep_alive, max_connections=max_connections or None)
-    grammar = GrammarLimits(max_bytes=max_grammar_bytes, max_alternatives=max_grammar_alternatives,
-                            max_schema_bytes=max_schema_bytes)
-    _run(config, load, limits, grammar, host, port, engine_flags.engine_kwargs(), drain_timeout)
+    _run(config, load, catalog, limits, grammar, host, port, engine_flags.engine_kwargs(), drain_timeout)
+
+
+def _parse_size(text: str) -> int:
+    from ggufchat.cli.serve_models import parse_size
+
+    return parse_size(text)
+
+
+def _catalog(flags, named: list[str], models_dir: Path | None, models_config: Path | None, parallel: int,
+             max_loaded: int, budget: int | None, grammar, alias: str | None):
+    from ggufchat.cli.serve_models import CatalogSources, ModelsConfig, build_catalog, default_memory_budget
+    from ggufchat.cli.serve_models import read_models_config
+
+    if models_dir is not None and not models_dir.is_dir():
+        raise InvalidParameter(f"--models-dir {models_dir} is not a directory", param="models_dir")
+    config = read_models_config(models_config) if models_config is not None else ModelsConfig()
+    if budget is None:
+        budget = default_memory_budget(offload=flags.values.get("n_gpu_layers") not in ("0", 0))
+    return build_catalog(CatalogSources(flags, parallel, grammar, named=named, models_dir=models_dir, config=config,
+                                        max_loaded=max_loaded, memory_budget=budget, alias=alias))
 
 
 def _speculation(load) -> str:
@@ -177,7 +237,8 @@ def _bind(host: str, port: int) -> socket.socket:
                                hint="Pick another --port, or stop what is using this one.") from exc
 
 
-def _run(config, load, limits, grammar, host: str, port: int, engine_kwargs: dict, drain_timeout: float) -> None:
+def _run(config, load, catalog, limits, grammar, host: str, port: int, engine_kwargs: dict,
+         drain_timeout: float) -> None:
     import uvicorn
 
     from ggufchat.engine import Engine
@@ -197,13 +258,21 @@ def _run(config, load, limits, grammar, host: str, port: int, engine_kwargs: dic
     def factory() -> Engine:
         return Engine(load, grammar_limits=grammar, **engine_kwargs)
 
-    app = create_app(config, factory=factory, on_fatal=on_fatal)
     url_host = f"[{host}]" if ":" in host else host
-    print(f"ggufchat: serving {load.model_path} as {config.model_id!r} on http://{url_host}:{bound} "
-          f"(-np {config.n_parallel}{_speculation(load)}; OpenAI API at /v1, docs at /docs)", file=sys.stderr,
-          flush=True)
+    if catalog is None:
+        app = create_app(config, factory=factory, on_fatal=on_fatal)
+        what = (f"{load.model_path} as {config.model_id!r}", f"-np {config.n_parallel}{_speculation(load)}")
+    else:
+        app = create_app(config, catalog=catalog, on_fatal=on_fatal)
+        found = catalog.discover()
+        budget = f"{catalog.memory_budget / (1 << 30):.1f} GiB" if catalog.memory_budget else "no memory limit"
+        loaded = f", at most {catalog.max_loaded} loaded" if catalog.max_loaded else ""
+        what = (f"{len(found)} models (default {config.model_id!r}; GET /v1/models lists them)",
+                f"{budget}{loaded}")
+    print(f"ggufchat: serving {what[0]} on http://{url_host}:{bound} ({what[1]}; OpenAI API at /v1, Ollama API "
+          "at /api, docs at /docs)", file=sys.stderr, flush=True)
     raise_open_file_limit(limits.max_connections)
-    server = _draining_server(uvicorn_config(app, limits, graceful_shutdown=5), app.state.server.holder,
+    server = _draining_server(uvicorn_config(app, limits, graceful_shutdown=5), app.state.server.pool,
                               drain_timeout)
     try:
         server.run(sockets=[sock])
@@ -217,7 +286,7 @@ def _run(config, load, limits, grammar, host: str, port: int, engine_kwargs: dic
         raise fatal[0]
 
 
-def _draining_server(config, holder, drain_timeout: float):
+def _draining_server(config, pool, drain_timeout: float):
     """uvicorn's Server, with a drain before its own shutdown. uvicorn alone, on SIGTERM, closes the
     listening socket at once and gives the requests in flight `graceful_shutdown` seconds: too short for
     a long stream, and a connection refused is all a balancer or a Kubernetes Service then sees. Here the
@@ -228,8 +297,8 @@ def _draining_server(config, holder, drain_timeout: float):
 
     class DrainingServer(uvicorn.Server):
         def handle_exit(self, sig, frame) -> None:
-            if drain_timeout and holder.draining_since is None and not self.should_exit:
-                holder.begin_drain()
+            if drain_timeout and pool.draining_since is None and not self.should_exit:
+                pool.begin_drain()
                 super().handle_exit(sig, frame)  # records the signal (uvicorn re-raises it at the end)
                 self.should_exit = False  # ...and on_tick sets it once drained
                 return
@@ -237,7 +306,7 @@ def _draining_server(config, holder, drain_timeout: float):
             super().handle_exit(sig, frame)
 
         async def on_tick(self, counter: int) -> bool:
-            if holder.drained(drain_timeout):
+            if pool.drained(drain_timeout):
                 self.should_exit = True
             return await super().on_tick(counter)
 

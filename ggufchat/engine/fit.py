@@ -126,3 +126,18 @@ def fit_layers(sizes: ModelSizes, free_bytes: list[int], *, n_ctx: int, n_ubatch
         used += size
         k += 1
     return Fit(n_gpu_layers=k, n_layer=sizes.n_layer, need_all_bytes=sum(order), free_bytes=usable)
+
+
+def memory_bytes(sizes: ModelSizes, weights: int, *, n_ctx: int, n_ubatch: int, n_seq: int = 1,
+                 flash_attn: bool = True, cache_type_k: str = "f16", cache_type_v: str = "f16") -> int:
+    """What a loaded model holds, wherever it lives: its weights, the KV cache of its whole context, the
+    compute buffer of one ubatch and the logits of one. For a server's budget of several models, so a
+    bound rather than llama.cpp's exact allocation."""
+    kv_scale = (ggml_type(cache_type_k)[1] + ggml_type(cache_type_v)[1]) / 4.0
+    kv = int(sum(sizes.kv_bytes_per_cell) * n_ctx * kv_scale)
+    kq = 0 if flash_attn else n_ctx // max(1, n_seq)
+    return weights + kv + compute_bytes(sizes, n_ubatch, with_output=True, kq_cells=kq)
+
+
+def weight_bytes(info: GGUFInfo) -> int:
+    return sum(t.nbytes or 0 for t in _tensors(info))

@@ -11,7 +11,7 @@ import llama_cpp
 
 from ggufchat.engine.backend import BACKEND
 from ggufchat.engine.devices import Device, list_devices
-from ggufchat.engine.fit import Fit, fit_layers, model_sizes
+from ggufchat.engine.fit import Fit, fit_layers, memory_bytes, model_sizes, weight_bytes
 from ggufchat.errors import InvalidModelFile, InvalidParameter, ModelLoadError, ModelNotFound
 from ggufchat.machine import available_cpus
 from ggufchat.models.gguf import GGUFInfo, ggml_type, read_gguf
@@ -102,6 +102,27 @@ class LoadOptions:
         if self.split_mode not in SPLIT_MODES:
             raise InvalidParameter(f"--split-mode must be one of {', '.join(SPLIT_MODES)}")
         parse_gpu_layers(self.n_gpu_layers)
+
+
+def context_size(options: LoadOptions, info: GGUFInfo) -> int:
+    """The context over all sequences: -c, or the model's training context capped at
+    DEFAULT_CTX_PER_SEQ for each sequence. One source (the GGUF header) for the fit, the context and
+    the memory estimate."""
+    per_seq = min(info.context_length or DEFAULT_CTX_PER_SEQ, DEFAULT_CTX_PER_SEQ)
+    return options.n_ctx or per_seq * options.n_seq_max
+
+
+def estimate_memory(options: LoadOptions) -> int:
+    """Bytes the model will hold once loaded with these options, the draft model's included (reads the
+    GGUF headers: blocking)."""
+    total = 0
+    for path in filter(None, (options.model_path, options.model_draft)):
+        info = read_gguf(Path(path))
+        total += memory_bytes(model_sizes(info), weight_bytes(info), n_ctx=context_size(options, info),
+                              n_ubatch=min(options.n_ubatch, options.n_batch), n_seq=options.n_seq_max,
+                              flash_attn=options.flash_attn != "off", cache_type_k=options.cache_type_k,
+                              cache_type_v=options.cache_type_v)
+    return total
 
 
 def parse_gpu_layers(value: str | int) -> int | str:
@@ -225,11 +246,7 @@ class LoadedModel:
         return fit
 
     def _n_ctx(self) -> int:
-        """The context over all sequences: -c, or the model's training context capped at
-        DEFAULT_CTX_PER_SEQ for each sequence. One source (the GGUF header) for the fit and the context."""
-        o = self.options
-        per_seq = min(self.info.context_length or DEFAULT_CTX_PER_SEQ, DEFAULT_CTX_PER_SEQ)
-        return o.n_ctx or per_seq * o.n_seq_max
+        return context_size(self.options, self.info)
 
     def _new_context(self):
         o = self.options

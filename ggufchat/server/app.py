@@ -1,5 +1,6 @@
-"""create_app: the FastAPI app for one model. The engine (or a factory that loads it) comes in as an
-argument and lives on app.state; nothing is global, so tests build as many apps as they like."""
+"""create_app: the FastAPI app for one model or several. The engine (or a factory that loads it, or a
+catalog of models) comes in as an argument and lives on app.state; nothing is global, so tests build
+as many apps as they like."""
 
 from __future__ import annotations
 
@@ -12,11 +13,12 @@ from fastapi.middleware.cors import CORSMiddleware
 from ggufchat import __version__
 from ggufchat.engine import Engine
 from ggufchat.server import body, errors
-from ggufchat.server.lifecycle import ModelHolder, ServerConfig
+from ggufchat.server.lifecycle import ServerConfig
 from ggufchat.server.metrics import Metrics
 from ggufchat.server.middleware import ApiKeyAuth, BodyLimit, RequestMetrics
 from ggufchat.server.ollama_errors import OllamaErrorShape
 from ggufchat.server.ollama_models import OllamaState
+from ggufchat.server.pool import Catalog, ModelPool
 from ggufchat.server.protocol import BODY_MODELS
 from ggufchat.server.routes import embeddings, ollama, openai, simple, system, web
 from ggufchat.server.state import ServerState
@@ -29,26 +31,27 @@ PUBLIC_GET_PATHS = web.PUBLIC_GET
 
 
 def create_app(config: ServerConfig, *, engine: Engine | None = None, factory: Callable[[], Engine] | None = None,
-               on_fatal: Callable[[BaseException], None] | None = None, settings: Settings | None = None) -> FastAPI:
+               catalog: Catalog | None = None, on_fatal: Callable[[BaseException], None] | None = None,
+               settings: Settings | None = None) -> FastAPI:
     """`engine`: serve this engine (the caller closes it). `factory`: load one in the background at
-    startup, and again after an idle unload (the app closes it). `settings`: the model cache and hub
-    endpoints the Ollama API's tags, pull and delete use (default: read from the environment when
-    first needed)."""
+    startup, and again after an idle unload (the app closes it). `catalog`: serve several models, each
+    loaded on first use (pool.py). `settings`: the model cache and hub endpoints the Ollama API's tags,
+    pull and delete use (default: read from the environment when first needed)."""
     metrics = Metrics()
-    holder = ModelHolder(config, metrics, engine=engine, factory=factory, on_fatal=on_fatal)
+    pool = ModelPool(config, metrics, engine=engine, factory=factory, catalog=catalog, on_fatal=on_fatal)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        await holder.start()
+        await pool.start()
         try:
             yield
         finally:
-            await holder.stop()
+            await pool.stop()
 
     app = FastAPI(title="ggufchat", version=__version__, lifespan=lifespan,
                   description="OpenAI-compatible API, the Ollama API, the seeds' simple APIs, health and "
-                              "metrics for one GGUF model.")
-    app.state.server = ServerState(config, holder, metrics)
+                              "metrics for GGUF models.")
+    app.state.server = ServerState(config, pool, metrics)
     app.state.ollama = OllamaState(settings)
     errors.install(app)
     routers = (openai.router, embeddings.router, ollama.router, simple.router, system.router, web.router)

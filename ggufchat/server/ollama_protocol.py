@@ -1,8 +1,8 @@
 """Wire types of the Ollama API (/api/*): what Ollama clients send. Responses are built in ollama_convert.py.
 
 Departures from Ollama, on purpose (docs/ollama.md has the user-facing list):
-- `model` is accepted and checked only for being present: one server serves one model today, and every
-  name reaches it (ollama_models.resolve is the one place that decides; the OpenAI routes do the same).
+- `model` must be present. A server started with one model answers every name with it; a server with
+  several picks the model by name (pool.py's resolve decides, for the OpenAI routes too).
 - `options`: the sampling ones map to the engine (num_predict, temperature, top_k, top_p, min_p, stop,
   seed, repeat_penalty, repeat_last_n, presence_penalty, frequency_penalty); `num_ctx` caps the context
   of this request at most to the loaded one (larger values are clamped: clients send their own defaults);
@@ -10,8 +10,9 @@ Departures from Ollama, on purpose (docs/ollama.md has the user-facing list):
   tfs_z, penalize_newline, ...) are accepted and ignored, as Ollama ignores options it does not know.
 - `images` are refused with 400: ggufchat serves text models.
 - `template` (a Go template in Ollama) and `context` (deprecated token memory) are refused with 400.
-- `keep_alive` is validated (seconds, or a duration such as "5m", "1h30m", "0", "-1") but does not move
-  the unload time yet: the server's --idle-unload decides (docs/ollama.md).
+- `keep_alive` (seconds, or a duration such as "5m", "1h30m", "0", "-1") sets how long the model stays
+  loaded after the request, as in Ollama; absent, the server's --idle-unload (or the model's config)
+  decides. A model given to the server already loaded (tests) never unloads.
 - Unknown fields are ignored, as Ollama does.
 """
 

@@ -1,8 +1,9 @@
 """Wire types: what clients send, for every route family. Responses are built in convert.py.
 
 Departures from the OpenAI API, on purpose:
-- `model` is accepted and echoed but not checked: one server serves one model, and the seeds send
-  whatever path their server was started with ("/mnt/model/Llama-2-70b-hf").
+- `model`, on a server started with one model, is accepted and echoed but not checked: the seeds send
+  whatever path their server was started with ("/mnt/model/Llama-2-70b-hf"). On a server with several
+  models it picks the model (404 `model_not_found` when unknown; absent: the default model).
 - Extensions, as llama-server has them: `top_k`, `min_p`, `repeat_penalty`, `ignore_eos`.
 - /v1/completions parses special tokens in the prompt (the client owns the whole prompt text);
   /v1/chat/completions never does in message content (see engine/templates.py).
@@ -167,6 +168,7 @@ class ChatRouteRequest(_Wire):
 
 
 class TokenizeRequest(_Wire):
+    model: str | None = None  # several models: whose tokenizer (default: the default model's)
     content: Text
     add_special: bool = False
     parse_special: bool = True
@@ -174,6 +176,7 @@ class TokenizeRequest(_Wire):
 
 
 class DetokenizeRequest(_Wire):
+    model: str | None = None
     tokens: list[int]
 
 

@@ -1,4 +1,4 @@
-"""What the routes reach through `request.app.state.server`: no module globals for model or settings."""
+"""What the routes reach through `request.app.state.server`: no module globals for models or settings."""
 
 from __future__ import annotations
 
@@ -6,14 +6,15 @@ from dataclasses import dataclass
 
 from starlette.requests import Request
 
-from ggufchat.server.lifecycle import ModelHolder, ServerConfig
+from ggufchat.server.lifecycle import ServerConfig
 from ggufchat.server.metrics import Metrics
+from ggufchat.server.pool import ModelPool
 
 
 @dataclass
 class ServerState:
     config: ServerConfig
-    holder: ModelHolder
+    pool: ModelPool
     metrics: Metrics
 
 

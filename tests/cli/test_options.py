@@ -33,7 +33,9 @@ def _engine_params(name: str) -> dict[str, dict]:
 def test_chat_serve_and_bench_share_the_engine_flags():
     chat, serve, bench = (_engine_params(name) for name in ("chat", "serve", "bench"))
     assert set(chat) == set(o.BY_NAME)
-    assert serve == chat
+    # serve takes several MODELs (server with several models); every other engine flag is chat's
+    assert serve == {name: chat[name] for name in chat if name != "model_arg"}
+    assert [p.name for p in _commands()["serve"].params if p.name == "models"] == ["models"]
     assert set(bench) == set(chat) - BENCH_OMITS
     assert bench == {name: chat[name] for name in bench}
     flags = {flag for param in bench.values() for flag in param["opts"]}

@@ -48,7 +48,7 @@ def test_draining_is_not_ready_and_new_requests_get_503_with_retry_after(engine)
         assert requests.get(url + "/health/live", timeout=5).status_code == 200
         assert requests.get(url + "/metrics", timeout=5).status_code == 401
         assert requests.post(url + "/v1/chat/completions", json=CHAT, headers=auth, timeout=60).status_code == 200
-        app.state.server.holder.begin_drain()
+        app.state.server.pool.begin_drain()
         for path in ("/health/ready", "/health"):
             r = requests.get(url + path, timeout=5)
             assert r.status_code == 503 and r.headers["Retry-After"] == "1", path

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import socket
 import threading
 import time
@@ -11,6 +12,7 @@ from contextlib import contextmanager
 import pytest
 import requests
 import uvicorn
+from prometheus_client.parser import text_string_to_metric_families
 
 from ggufchat.engine import Engine
 from ggufchat.server.app import create_app
@@ -72,11 +74,10 @@ def post(url: str, path: str, body=None, **kwargs) -> requests.Response:
 
 
 def metric(url: str, name: str, labels: str = "") -> float:
-    """One sample's value from /metrics (0 when absent)."""
+    """The sum of a sample's values over the series whose labels include `labels` (e.g. 'why="timeout"';
+    every model's series when no model="..." is given), from /metrics; 0 when absent."""
     text = requests.get(url + "/metrics", timeout=10).text
-    key = f"{name}{{{labels}}}" if labels else name
-    for line in text.splitlines():
-        if line.startswith(key + " "):
-            return float(line.split()[-1])
-    return 0.0
+    wanted = dict(re.findall(r'(\w+)="([^"]*)"', labels))
+    return sum(sample.value for family in text_string_to_metric_families(text) for sample in family.samples
+               if sample.name == name and wanted.items() <= sample.labels.items())
 

@@ -25,8 +25,9 @@ async def embeddings(request: Request, srv: ServerState = Depends(server_state))
     """Embeddings (OpenAI API): one L2-normalised vector per input, as floats or base64 float32."""
     # No max_items for `input`: one token array is a list too, and its length is checked against the model.
     # The engine refuses more than 2048 inputs; the body limit bounds what validation costs.
-    body = await parse(request, EmbeddingRequest, srv.holder)
-    model = srv.config.model_id
+    body = await parse(request, EmbeddingRequest, srv.pool)
+    target = await srv.pool.resolve(body.model)
+    model = target.name
     stop = threading.Event()  # set on --timeout or a disconnect: no further batch starts
     why: list[str] = []
 
@@ -34,7 +35,7 @@ async def embeddings(request: Request, srv: ServerState = Depends(server_state))
         if not stop.is_set():
             why.append(reason)
             stop.set()
-            srv.metrics.cancelled.labels(reason).inc()
+            target.holder.metrics.cancelled.labels(reason).inc()
 
     def work(engine: Engine) -> JSONResponse:
         # Tokenizing, the wait for the engine thread and the JSON of many vectors: all off the event loop.
@@ -48,12 +49,12 @@ async def embeddings(request: Request, srv: ServerState = Depends(server_state))
         cancel("disconnect")
 
     # A request holds one place in the admission count (429 when the server is full), like one sequence.
-    lease = await srv.holder.lease(1)
+    lease = await target.holder.lease(1)
     watcher = asyncio.create_task(watch())
     timeout = srv.config.timeout
     timer = asyncio.get_running_loop().call_later(timeout, cancel, "timeout") if timeout else None
     try:
-        return await srv.holder.off_loop(lambda: work(lease.engine))
+        return await srv.pool.off_loop(lambda: work(lease.engine))
     except EmbeddingCancelled:
         if why and why[0] == "timeout":
             raise RequestTimeout(f"the request took longer than the server's --timeout of {timeout:g} s") from None

@@ -29,7 +29,8 @@ from ggufchat.server import ollama_convert as oc
 from ggufchat.server.body import parse
 from ggufchat.server.errors import describe, validation_body
 from ggufchat.server.generation import Generation
-from ggufchat.server.ollama_models import OllamaState, Target
+from ggufchat.server.ollama_models import OllamaState
+from ggufchat.server.pool import Target
 from ggufchat.server.ollama_protocol import (
     OllamaChatRequest,
     OllamaDeleteRequest,
@@ -103,27 +104,30 @@ async def version():
 
 @router.get("/api/tags")
 async def tags(request: Request, srv: ServerState = Depends(server_state)):
-    """Local models: the served one, the model cache (`ggufchat list`) and the embedded model."""
+    """Local models: the served one, the model cache (`ggufchat list`) and the embedded model (several
+    models: every model the server can load)."""
     state = _state(request)
-    return {"models": await srv.holder.off_loop(lambda: ollama_models.model_list(srv, state, running=False))}
+    holders = await srv.pool.models()
+    return {"models": await srv.pool.off_loop(lambda: ollama_models.model_list(srv, state, running=False,
+                                                                               holders=holders))}
 
 
 @router.get("/api/ps")
 async def ps(request: Request, srv: ServerState = Depends(server_state)):
     """Models loaded now."""
     state = _state(request)
-    return {"models": await srv.holder.off_loop(lambda: ollama_models.model_list(srv, state, running=True))}
+    return {"models": await srv.pool.off_loop(lambda: ollama_models.model_list(srv, state, running=True))}
 
 
 @router.post("/api/show")
 async def show(request: Request, srv: ServerState = Depends(server_state)):
     """A model's details, GGUF metadata (model_info), parameters, chat template and capabilities."""
-    body = await parse(request, OllamaShowRequest, srv.holder)
-    target = ollama_models.resolve(srv, _name(body))
+    body = await parse(request, OllamaShowRequest, srv.pool)
+    target = await srv.pool.resolve(_name(body))
     state = _state(request)
     lease = await target.holder.lease(0)
     try:
-        return await target.holder.off_loop(lambda: ollama_models.show(srv, state, target, lease.engine))
+        return await srv.pool.off_loop(lambda: ollama_models.show(srv, state, target, lease.engine))
     finally:
         lease.release()
 
@@ -131,7 +135,7 @@ async def show(request: Request, srv: ServerState = Depends(server_state)):
 @router.delete("/api/delete")
 async def delete(request: Request, srv: ServerState = Depends(server_state)):
     """Remove a model from the cache (404 when it is not there)."""
-    body = await parse(request, OllamaDeleteRequest, srv.holder)
+    body = await parse(request, OllamaDeleteRequest, srv.pool)
     name = _name(body)
     state = _state(request)
     await asyncio.to_thread(ollama_models.delete, srv, state, name)
@@ -141,7 +145,7 @@ async def delete(request: Request, srv: ServerState = Depends(server_state)):
 @router.post("/api/pull")
 async def pull(request: Request, srv: ServerState = Depends(server_state)):
     """Download a model into the cache (`ggufchat download`), streaming its progress."""
-    body = await parse(request, OllamaPullRequest, srv.holder)
+    body = await parse(request, OllamaPullRequest, srv.pool)
     spec = ollama_pull.spec_of(_name(body))
     events = ollama_pull.pull(spec, _state(request).settings)
     if not body.stream:
@@ -165,13 +169,14 @@ async def embed(request: Request, srv: ServerState = Depends(server_state)):
     """Embeddings for a string or an array of strings: L2-normalised, texts too long cut unless truncate
     is false (then a 400)."""
     t_arrival = time.perf_counter()
-    body = await parse(request, OllamaEmbedRequest, srv.holder)
+    body = await parse(request, OllamaEmbedRequest, srv.pool)
     texts = [body.input] if isinstance(body.input, str) else body.input
     if any(texts) and not all(texts):
         raise InvalidParameter("input has an empty string", param="input")
-    target = ollama_models.resolve(srv, body.model)
-    load_seconds = await _loaded(target)
-    vectors, count = await _embed(target, texts, body.dimensions, body.truncate) if any(texts) else ([], 0)
+    target = await srv.pool.resolve(body.model)
+    load_seconds = await _loaded(target, None if any(texts) else body.keep_alive)
+    vectors, count = (await _embed(target, texts, body.dimensions, body.truncate, body.keep_alive) if any(texts)
+                      else ([], 0))
     return {"model": body.model, "embeddings": vectors, "total_duration": oc.ns(time.perf_counter() - t_arrival),
             "load_duration": oc.ns(load_seconds), "prompt_eval_count": count}
 
@@ -179,18 +184,18 @@ async def embed(request: Request, srv: ServerState = Depends(server_state)):
 @router.post("/api/embeddings")
 async def embeddings(request: Request, srv: ServerState = Depends(server_state)):
     """The older form: one `prompt`, one `embedding` (Ollama cuts a long prompt here too)."""
-    body = await parse(request, OllamaEmbeddingsRequest, srv.holder)
-    target = ollama_models.resolve(srv, body.model)
-    await _loaded(target)
+    body = await parse(request, OllamaEmbeddingsRequest, srv.pool)
+    target = await srv.pool.resolve(body.model)
+    await _loaded(target, None if body.prompt else body.keep_alive)
     if not body.prompt:
         return {"embedding": []}
-    vectors, _ = await _embed(target, [body.prompt], None, True)
+    vectors, _ = await _embed(target, [body.prompt], None, True, body.keep_alive)
     return {"embedding": vectors[0]}
 
 
-async def _embed(target: Target, texts: list[str], dimensions: int | None,
-                 truncate: bool) -> tuple[list[list[float]], int]:
-    lease = await target.holder.lease(1)  # one place in the admission count, as /v1/embeddings takes
+async def _embed(target: Target, texts: list[str], dimensions: int | None, truncate: bool,
+                 keep_alive: float | None) -> tuple[list[list[float]], int]:
+    lease = await target.holder.lease(1, keep_alive=keep_alive)  # one place in the admission count, as /v1/embeddings takes
     try:
         def work() -> tuple[list[list[float]], int]:
             result = lease.engine.embed(texts, dimensions=dimensions, truncate=truncate)
@@ -202,17 +207,21 @@ async def _embed(target: Target, texts: list[str], dimensions: int | None,
 
 
 # ------------------------------------------------------------------ generation
-async def _loaded(target: Target) -> float:
-    """Wait for the model (loading it after an idle unload); the seconds that took: `load_duration`."""
+async def _loaded(target: Target, keep_alive: float | None = None) -> float:
+    """Wait for the model (loading it if it is not loaded); the seconds that took: `load_duration`.
+    keep_alive: for a request that only loads (or, with 0, unloads) the model."""
     t0 = time.perf_counter()
-    lease = await target.holder.lease(0)
+    lease = await target.holder.lease(0, keep_alive=keep_alive)
     lease.release()
     return time.perf_counter() - t0
 
 
-def _load_reply(lines: oc.Lines, load_seconds: float) -> JSONResponse:
-    """An empty request only loads the model, as in Ollama (keep_alive does not unload it yet)."""
-    return JSONResponse(lines.final({"done_reason": "load", "load_duration": oc.ns(load_seconds)}))
+async def _load_reply(target: Target, lines: oc.Lines, keep_alive: float | None) -> JSONResponse:
+    """An empty request only loads the model, as in Ollama; with keep_alive 0 it unloads it (what
+    `ollama stop` sends): done_reason "unload"."""
+    load_seconds = await _loaded(target, keep_alive)
+    reason = "unload" if keep_alive == 0 and target.holder.unloadable else "load"
+    return JSONResponse(lines.final({"done_reason": reason, "load_duration": oc.ns(load_seconds)}))
 
 
 def _refuse(body) -> None:
@@ -241,7 +250,7 @@ def output_format(srv: ServerState, engine: Engine, plan: convert.ToolPlan, thin
 
 async def _respond(request: Request, target: Target, body, build: Callable[[Engine], list], setup: dict,
                    lines: oc.Lines, t_arrival: float, load_seconds: float) -> Response:
-    gen = await Generation.open(target.holder, request, 1, build, stream=body.stream)
+    gen = await Generation.open(target.holder, request, 1, build, stream=body.stream, keep_alive=body.keep_alive)
     reader = oc.ReplyReader(setup.get("fmt"))
     if body.stream:
         return NdjsonStream(gen, lines, reader, t_arrival, load_seconds)
@@ -260,13 +269,13 @@ async def _respond(request: Request, target: Target, body, build: Callable[[Engi
 async def chat(request: Request, srv: ServerState = Depends(server_state)):
     """The next message of a chat; NDJSON lines unless `stream` is false. Tools, `format`, `think`."""
     t_arrival = time.perf_counter()
-    body = await parse(request, OllamaChatRequest, srv.holder, max_items={"messages": srv.config.max_messages})
+    body = await parse(request, OllamaChatRequest, srv.pool, max_items={"messages": srv.config.max_messages})
     _refuse(body)
-    target = ollama_models.resolve(srv, body.model)
+    target = await srv.pool.resolve(body.model)
     lines = oc.Lines(target.name, chat=True)
-    load_seconds = await _loaded(target)
     if not body.messages:
-        return _load_reply(lines, load_seconds)
+        return await _load_reply(target, lines, body.keep_alive)
+    load_seconds = await _loaded(target)
     setup: dict = {}
 
     def build(engine: Engine):
@@ -292,7 +301,7 @@ async def generate(request: Request, srv: ServerState = Depends(server_state)):
     """A completion of `prompt`: through the chat template with `system`, as is with `raw`, or filling
     in the middle before `suffix`; NDJSON lines unless `stream` is false."""
     t_arrival = time.perf_counter()
-    body = await parse(request, OllamaGenerateRequest, srv.holder)
+    body = await parse(request, OllamaGenerateRequest, srv.pool)
     _refuse(body)
     oc.refuse_images(body.images, "images")
     if body.template:
@@ -301,11 +310,11 @@ async def generate(request: Request, srv: ServerState = Depends(server_state)):
     if body.context:
         raise Unsupported("context (deprecated in Ollama) is not supported; send the conversation to /api/chat",
                           param="context")
-    target = ollama_models.resolve(srv, body.model)
+    target = await srv.pool.resolve(body.model)
     lines = oc.Lines(target.name, chat=False)
-    load_seconds = await _loaded(target)
     if not body.prompt and not body.suffix:
-        return _load_reply(lines, load_seconds)
+        return await _load_reply(target, lines, body.keep_alive)
+    load_seconds = await _loaded(target)
     state = _state(request)
     setup: dict = {}
 

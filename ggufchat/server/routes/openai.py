@@ -13,6 +13,7 @@ from ggufchat.engine.engine import Engine
 from ggufchat.server import convert
 from ggufchat.server.body import documented, parse
 from ggufchat.server.generation import Generation
+from ggufchat.server.lifecycle import ModelHolder
 from ggufchat.server.output import ChatOutput, CompletionLogprobs
 from ggufchat.server.protocol import ChatCompletionRequest, CompletionRequest
 from ggufchat.server.routes.streaming import ChatChunks, CompletionChunks, EventStream, collect
@@ -25,7 +26,8 @@ router = APIRouter(tags=["OpenAI"])
 async def chat_completions(request: Request, srv: ServerState = Depends(server_state)):
     """Chat completion (OpenAI API), with tools, reasoning and logprobs; `stream: true` for server-sent
     events."""
-    body = await parse(request, ChatCompletionRequest, srv.holder, max_items={"messages": srv.config.max_messages})
+    body = await parse(request, ChatCompletionRequest, srv.pool, max_items={"messages": srv.config.max_messages})
+    target = await srv.pool.resolve(body.model)
     setup: dict = {}
 
     def build(engine: Engine):
@@ -40,9 +42,9 @@ async def chat_completions(request: Request, srv: ServerState = Depends(server_s
         setup["pieces"] = engine.token_pieces if body.logprobs else None
         return convert.chat_requests(body, tokens, limits, plan)
 
-    gen = await Generation.open(srv.holder, request, body.n, build, stream=body.stream)
+    gen = await Generation.open(target.holder, request, body.n, build, stream=body.stream)
     rid = convert.new_id("chatcmpl")
-    model = srv.config.model_id
+    model = target.name
     fmt, pieces = setup["fmt"], setup["pieces"]
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
@@ -53,8 +55,7 @@ async def chat_completions(request: Request, srv: ServerState = Depends(server_s
         return EventStream(gen, writer, chunks=chunks)
     choices = await collect(gen)
     if pieces is not None:  # token texts for every logprob: more than a few ms for long replies
-        return JSONResponse(await srv.holder.off_loop(lambda: convert.chat_completion(rid, model, choices, fmt,
-                                                                                      pieces)))
+        return JSONResponse(await srv.pool.off_loop(lambda: convert.chat_completion(rid, model, choices, fmt, pieces)))
     return JSONResponse(convert.chat_completion(rid, model, choices, fmt))
 
 
@@ -75,7 +76,8 @@ def output_format(srv: ServerState, engine: Engine, plan: convert.ToolPlan, para
 async def completions(request: Request, srv: ServerState = Depends(server_state)):
     """Text completion (OpenAI API): the prompt is continued as is, no chat template. `logprobs` with
     `echo` scores the prompt too (`max_tokens: 0` scores only the prompt)."""
-    body = await parse(request, CompletionRequest, srv.holder)
+    body = await parse(request, CompletionRequest, srv.pool)
+    target = await srv.pool.resolve(body.model)
     prompt = convert.completion_prompt(body.prompt)
     setup: dict = {"echo": "", "pieces": None}
 
@@ -90,9 +92,9 @@ async def completions(request: Request, srv: ServerState = Depends(server_state)
         setup["pieces"] = engine.token_pieces if body.logprobs is not None else None
         return convert.completion_requests(body, tokens, engine.grammar_limits)
 
-    gen = await Generation.open(srv.holder, request, body.n, build, stream=body.stream)
+    gen = await Generation.open(target.holder, request, body.n, build, stream=body.stream)
     rid = convert.new_id("cmpl")
-    model = srv.config.model_id
+    model = target.name
     echo, pieces = setup["echo"], setup["pieces"]
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
@@ -103,29 +105,36 @@ async def completions(request: Request, srv: ServerState = Depends(server_state)
         return EventStream(gen, writer, echo, chunks=chunks)
     choices = await collect(gen)
     if pieces is not None:
-        return JSONResponse(await srv.holder.off_loop(lambda: convert.text_completion(
+        return JSONResponse(await srv.pool.off_loop(lambda: convert.text_completion(
             rid, model, choices, echo, pieces=pieces, prompt_tokens=setup["tokens"])))
     return JSONResponse(convert.text_completion(rid, model, choices, echo))
 
 
 @router.get("/v1/models")
 async def models(srv: ServerState = Depends(server_state)):
-    """The one model this server serves."""
-    return {"object": "list", "data": [model_card(srv)]}
+    """The models this server serves: the one it was started with, or (several models) every model it
+    can load, loaded or not (`status`)."""
+    return {"object": "list", "data": [model_card(srv, holder) for holder in await srv.pool.models()]}
 
 
 @router.get("/v1/models/{model_id:path}")
 async def model(model_id: str, srv: ServerState = Depends(server_state)):
-    """One model by id (only the served one exists)."""
-    if model_id != srv.config.model_id:
-        raise HTTPException(404, f"no model {model_id!r}; this server serves {srv.config.model_id!r}")
-    return model_card(srv)
+    """One model by id or alias."""
+    if not srv.pool.several:
+        if model_id != srv.config.model_id:
+            raise HTTPException(404, f"no model {model_id!r}; this server serves {srv.config.model_id!r}")
+        return model_card(srv, srv.pool.default)
+    return model_card(srv, (await srv.pool.resolve(model_id)).holder)
 
 
-def model_card(srv: ServerState) -> dict:
-    holder = srv.holder
-    card = {"id": srv.config.model_id, "object": "model", "created": holder.created, "owned_by": "ggufchat",
-            "status": holder.state, "n_parallel": srv.config.n_parallel}
-    if holder.engine is not None:
-        card["n_ctx_per_sequence"] = holder.engine.n_ctx_seq
+def model_card(srv: ServerState, holder: ModelHolder) -> dict:
+    name = holder.name if srv.pool.several else srv.config.model_id
+    card = {"id": name, "object": "model", "created": holder.created, "owned_by": "ggufchat",
+            "status": holder.state, "n_parallel": holder.n_parallel}
+    entry = srv.pool.entries.get(holder.name)
+    if entry is not None and entry.aliases:
+        card["aliases"] = list(entry.aliases)
+    engine = holder.engine
+    if engine is not None:
+        card["n_ctx_per_sequence"] = engine.n_ctx_seq
     return card

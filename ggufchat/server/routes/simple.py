@@ -21,7 +21,8 @@ router = APIRouter(tags=["Simple"])
 
 
 async def _reply(srv: ServerState, request: Request, build: Callable[[Engine], GenerationRequest]) -> str:
-    gen = await Generation.open(srv.holder, request, 1, lambda engine: [build(engine)], stream=False)
+    target = await srv.pool.resolve(None)  # the seeds' APIs name no model: the default one
+    gen = await Generation.open(target.holder, request, 1, lambda engine: [build(engine)], stream=False)
     return (await collect(gen))[0].content
 
 
@@ -30,7 +31,7 @@ async def simple(request: Request, srv: ServerState = Depends(server_state)):
     """`{"prompt", "history"}` -> `{"response", "status", "time"}`, as the seeds' FastAPI servers answer."""
     # A history item can be a [user, assistant] pair, and the system prompt and the prompt come on top.
     history_items = (srv.config.max_messages - 2) // 2
-    body = await parse(request, SimpleRequest, srv.holder, max_items={"history": history_items})
+    body = await parse(request, SimpleRequest, srv.pool, max_items={"history": history_items})
     messages = convert.simple_messages(body)
     text = await _reply(srv, request, lambda engine: convert.simple_request(
         body, engine.chat_tokens(messages), convert.SIMPLE_MAX_TOKENS))
@@ -55,5 +56,5 @@ async def chat_get(request: Request, prompt: str = Query(min_length=1),
 @router.post("/chat", response_class=PlainTextResponse, openapi_extra=documented(ChatRouteRequest))
 async def chat_post(request: Request, srv: ServerState = Depends(server_state)):
     """`POST /chat` with `{"prompt": ...}` -> the reply as text/plain."""
-    body = await parse(request, ChatRouteRequest, srv.holder)
+    body = await parse(request, ChatRouteRequest, srv.pool)
     return await _chat_route(body.prompt, request, srv)

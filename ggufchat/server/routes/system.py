@@ -24,17 +24,21 @@ PROBE_PATHS = frozenset({"/health", "/health/ready", "/health/live"})
 async def health(srv: ServerState = Depends(server_state)):
     """200 when requests can be served (also when the model is unloaded for idleness: the next request
     reloads it); 503 while the model loads, after it failed to load, after the engine stopped, or while
-    the server drains after SIGTERM."""
-    holder = srv.holder
+    the server drains after SIGTERM. With several models, the default model decides, and `models`
+    lists the loaded ones."""
+    pool = srv.pool
+    holder = pool.default
     holder.check_engine()
-    if holder.draining_since is not None and holder.state != "failed":
+    if pool.draining_since is not None and holder.state != "failed":
         return _unavailable("the server is shutting down", "draining")
+    name = holder.name if pool.several else srv.config.model_id
+    loaded = {"models": [_loaded(h) for h in pool.loaded()]} if pool.several else {}
     if holder.state == "ready":
-        stats = holder.engine.stats()
-        return {"status": "ok", "model": srv.config.model_id, "slots_processing": stats.active_sequences,
-                "queue_depth": stats.queue_depth}
+        stats = [h.stats() for h in pool.loaded()]
+        return {"status": "ok", "model": name, "slots_processing": sum(s.active_sequences for s in stats),
+                "queue_depth": sum(s.queue_depth for s in stats), **loaded}
     if holder.state == "unloaded":
-        return {"status": "idle", "model": srv.config.model_id}
+        return {"status": "idle", "model": name, **loaded}
     if holder.state == "loading":
         message = "the model is loading"
     elif holder.engine is not None:
@@ -45,25 +49,32 @@ async def health(srv: ServerState = Depends(server_state)):
     return JSONResponse({**body, "status": holder.state}, status_code=503, headers={"Retry-After": "1"})
 
 
+def _loaded(holder) -> dict:
+    stats = holder.stats()
+    return {"name": holder.name, "state": holder.state, "memory_bytes": holder.memory,
+            "slots_processing": stats.active_sequences, "queue_depth": stats.queue_depth}
+
+
 @router.get("/health/ready")
 async def ready(srv: ServerState = Depends(server_state)):
-    """Readiness: 200 when this replica should get new requests; 503 (with Retry-After) while the model
-    loads, after it failed, or while draining after SIGTERM."""
-    why = srv.holder.not_ready()
+    """Readiness: 200 when this replica should get new requests; 503 (with Retry-After) while the
+    (default) model loads, after it failed, or while draining after SIGTERM."""
+    why = srv.pool.not_ready()
     if why is None:
-        return {"status": "ready", "model": srv.config.model_id}
+        return {"status": "ready", "model": srv.pool.default.name if srv.pool.several else srv.config.model_id}
     messages = {"draining": "the server is shutting down", "loading": "the model is loading"}
-    return _unavailable(messages.get(why, f"{srv.holder.error}; restart the server"), why)
+    return _unavailable(messages.get(why, f"{srv.pool.default.error}; restart the server"), why)
 
 
 @router.get("/health/live")
 async def live(srv: ServerState = Depends(server_state)):
-    """Liveness: 503 only when restarting the process is the cure (the engine thread died, or it holds
+    """Liveness: 503 only when restarting the process is the cure (an engine thread died, or one holds
     work and has not decoded a step for --wedge-timeout seconds); 200 while loading and draining."""
-    why = srv.holder.not_live()
+    why = srv.pool.not_live()
     if why is None:
         return {"status": "live"}
-    status = "failed" if srv.holder.state == "failed" else "wedged"
+    failed = any(h.state == "failed" for h in srv.pool.holders.values())
+    status = "failed" if failed else "wedged"
     return JSONResponse({**error_body(why, "server_error", code="engine_" + status), "status": status},
                         status_code=503)
 
@@ -82,7 +93,7 @@ async def metrics(srv: ServerState = Depends(server_state)):
 @router.post("/tokenize", openapi_extra=documented(TokenizeRequest))
 async def tokenize(request: Request, srv: ServerState = Depends(server_state)):
     """Text -> token ids (with `with_pieces`, each id with its text)."""
-    body = await parse(request, TokenizeRequest, srv.holder)
+    body = await parse(request, TokenizeRequest, srv.pool)
 
     def work(engine: Engine) -> Response:
         tokens = engine.tokenize(body.content, add_special=body.add_special, parse_special=body.parse_special)
@@ -90,21 +101,21 @@ async def tokenize(request: Request, srv: ServerState = Depends(server_state)):
             return _json_tokens([{"id": t, "piece": engine.detokenize([t])} for t in tokens])
         return _json_tokens(tokens)
 
-    return await _off_loop(srv, work)
+    return await _off_loop(srv, body.model, work)
 
 
 @router.post("/detokenize", openapi_extra=documented(DetokenizeRequest))
 async def detokenize(request: Request, srv: ServerState = Depends(server_state)):
     """Token ids -> text."""
-    body = await parse(request, DetokenizeRequest, srv.holder)
-    return await _off_loop(srv, lambda engine: _json({"content": engine.detokenize(body.tokens)}))
+    body = await parse(request, DetokenizeRequest, srv.pool)
+    return await _off_loop(srv, body.model, lambda engine: _json({"content": engine.detokenize(body.tokens)}))
 
 
-async def _off_loop(srv: ServerState, work: Callable[[Engine], Response]) -> Response:
+async def _off_loop(srv: ServerState, model: str | None, work: Callable[[Engine], Response]) -> Response:
     # A megabyte of text is a second of tokenizing and its JSON as long again: not on the event loop.
-    lease = await srv.holder.lease(0)
+    lease = await (await srv.pool.resolve(model)).holder.lease(0)
     try:
-        return await srv.holder.off_loop(lambda: work(lease.engine))
+        return await srv.pool.off_loop(lambda: work(lease.engine))
     finally:
         lease.release()
 
