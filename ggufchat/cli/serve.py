@@ -188,8 +188,13 @@ def _parse_size(text: str) -> int:
 
 def _catalog(flags, named: list[str], models_dir: Path | None, models_config: Path | None, parallel: int,
              max_loaded: int, budget: int | None, grammar, alias: str | None):
-    from ggufchat.cli.serve_models import CatalogSources, ModelsConfig, build_catalog, default_memory_budget
-    from ggufchat.cli.serve_models import read_models_config
+    from ggufchat.cli.serve_models import (
+        CatalogSources,
+        ModelsConfig,
+        build_catalog,
+        default_memory_budget,
+        read_models_config,
+    )
 
     if models_dir is not None and not models_dir.is_dir():
         raise InvalidParameter(f"--models-dir {models_dir} is not a directory", param="models_dir")

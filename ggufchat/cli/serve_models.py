@@ -16,13 +16,15 @@ from __future__ import annotations
 
 import dataclasses
 import re
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import tomllib
+
 from ggufchat.cli import options as o
 from ggufchat.engine.grammar import GrammarLimits
+from ggufchat.engine.loader import LoadOptions
 from ggufchat.errors import GgufchatError, InvalidParameter
 from ggufchat.models.catalog import split_info
 from ggufchat.models.embedded import NAME as EMBEDDED_NAME
@@ -113,8 +115,9 @@ def _settings(path: Path, where: str, table: Any, *, own: bool = True) -> ModelS
     if not isinstance(table, dict):
         raise InvalidParameter(f"{path}: [{where}] must be a table")
     out = ModelSettings()
-    for key, value in table.items():
-        at = f"{path}: [{where}] {key}"
+    for written, value in table.items():
+        at = f"{path}: [{where}] {written}"
+        key = written.replace("-", "_")
         if key in _OWN_KEYS:
             if key == "model" and own:
                 out.model = _typed(at, value, str)
@@ -151,6 +154,13 @@ def _settings(path: Path, where: str, table: Any, *, own: bool = True) -> ModelS
         except GgufchatError as exc:
             raise InvalidParameter(f"{at}: {exc}") from None
         out.engine[option.name] = value
+    # Values that are each well-formed can still be refused together or by the engine's own checks
+    # (a flash-attn mode, a draft length): LoadOptions says so now, not when the model first loads.
+    load = {name: OPTION_KEYS[name].parse(v) for name, v in out.engine.items() if OPTION_KEYS[name].target == "load"}
+    try:
+        LoadOptions(model_path=Path(path), **load).validate()
+    except GgufchatError as exc:
+        raise InvalidParameter(f"{path}: [{where}]: {exc}") from None
     return out
 
 
@@ -224,7 +234,8 @@ def build_catalog(src: CatalogSources) -> Catalog:
                       **unique}
         return list(unique.values())
 
-    return Catalog(discover=discover, default=src.alias or default, max_loaded=src.max_loaded, memory_budget=src.memory_budget)
+    return Catalog(discover=discover, default=src.alias or default, max_loaded=src.max_loaded,
+                   memory_budget=src.memory_budget)
 
 
 def _file_key(path: Path) -> Path:

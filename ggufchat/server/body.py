@@ -11,11 +11,9 @@ models into the document's components), so /docs and schema-driven clients see n
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import email.message
 import json
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ValidationError

@@ -160,7 +160,8 @@ def _expires_at(holder: ModelHolder) -> str:
     now = datetime.now(timezone.utc)
     if holder.users:  # in use: the request's keep_alive starts when it ends
         seconds = holder.keep_alive
-        when = now + (FOREVER if seconds is None or seconds < 0 or not holder.unloadable else timedelta(seconds=seconds))
+        kept = seconds is None or seconds < 0 or not holder.unloadable
+        when = now + (FOREVER if kept else timedelta(seconds=seconds))
     elif holder.expires is None:
         when = now + FOREVER
     else:

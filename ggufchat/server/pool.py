@@ -45,7 +45,8 @@ class ModelEntry:
     n_parallel: int
     aliases: tuple[str, ...] = ()
     keep_alive: float | None = None  # seconds loaded after the last request; None = the server's --idle-unload
-    memory: Callable[[], int] | None = field(default=None, compare=False)  # estimated bytes once loaded (blocking: reads the GGUF header)
+    # Estimated bytes once loaded (blocking: reads the GGUF header).
+    memory: Callable[[], int] | None = field(default=None, compare=False)
     source: str = "cache"  # where it was found: command line, config, models-dir, cache, embedded
 
 

@@ -43,5 +43,5 @@ def test_gauges_read_zero_and_no_created_series_without_a_model():
         text = requests.get(url + "/metrics", timeout=10).text
     for name in ("ggufchat_active_sequences", "ggufchat_queue_depth", "ggufchat_engine_steps",
                  "ggufchat_engine_decode_seconds"):
-        assert f"\n{name} 0.0\n" in text
+        assert f'\n{name}{{model="smollm2-test"}} 0.0\n' in text
     assert "_created" not in text  # disable_created_metrics() holds for every app

@@ -22,6 +22,7 @@ def _start(*args: str, env: dict | None = None) -> tuple[subprocess.Popen, str]:
     line = proc.stderr.readline()
     match = re.search(r"on (http://\S+)", line)
     assert match, line
+    proc.banner = line  # type: ignore[attr-defined]
     return proc, match.group(1)
 
 

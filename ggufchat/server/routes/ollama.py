@@ -30,7 +30,6 @@ from ggufchat.server.body import parse
 from ggufchat.server.errors import describe, validation_body
 from ggufchat.server.generation import Generation
 from ggufchat.server.ollama_models import OllamaState
-from ggufchat.server.pool import Target
 from ggufchat.server.ollama_protocol import (
     OllamaChatRequest,
     OllamaDeleteRequest,
@@ -40,6 +39,7 @@ from ggufchat.server.ollama_protocol import (
     OllamaPullRequest,
     OllamaShowRequest,
 )
+from ggufchat.server.pool import Target
 from ggufchat.server.routes.streaming import collect
 from ggufchat.server.state import ServerState, server_state
 
@@ -195,7 +195,8 @@ async def embeddings(request: Request, srv: ServerState = Depends(server_state))
 
 async def _embed(target: Target, texts: list[str], dimensions: int | None, truncate: bool,
                  keep_alive: float | None) -> tuple[list[list[float]], int]:
-    lease = await target.holder.lease(1, keep_alive=keep_alive)  # one place in the admission count, as /v1/embeddings takes
+    # One place in the admission count, as /v1/embeddings takes.
+    lease = await target.holder.lease(1, keep_alive=keep_alive)
     try:
         def work() -> tuple[list[list[float]], int]:
             result = lease.engine.embed(texts, dimensions=dimensions, truncate=truncate)

@@ -17,11 +17,14 @@ const ui = {
   temperatureValue: $("temperature-value"), modelName: $("model-name"), statusDot: $("status-dot"), title: $("title"),
   keyButton: $("key-button"), keyDialog: $("key-dialog"), keyForm: $("key-form"), keyInput: $("key-input"),
   keyReason: $("key-reason"), keyCancel: $("key-cancel"), menu: $("menu"), sidebar: $("sidebar"), scrim: $("scrim"),
+  modelField: $("model-field"), modelPicker: $("model-picker"),
 };
+const MODEL_STORE = "ggufchat.model";
 
 const state = {
   messages: [], // the conversation: {role: "user" | "assistant", content} (answers without their thinking)
   model: null,
+  models: [], // the server's model cards (several: the picker offers them)
   key: localStorage.getItem(KEY_STORE) || "",
   controller: null, // the running generation's AbortController
 };
@@ -363,11 +366,40 @@ async function connect() {
   try {
     const response = await apiFetch("v1/models"); // asks for the key now, if the server has one
     if (!response.ok) return;
-    const card = ((await response.json()).data || [])[0];
-    if (card && card.n_ctx_per_sequence) setMaxTokensLimit(card.n_ctx_per_sequence);
+    state.models = (await response.json()).data || [];
+    showModels();
   } catch (exc) {
     addError(exc.message);
   }
+}
+
+// A server with several models: a picker, its choice kept in this browser. With one model there is
+// nothing to pick (that server answers every request with it, whatever the name).
+function showModels() {
+  const ids = state.models.map((card) => card.id);
+  if (ids.length > 1) {
+    const saved = localStorage.getItem(MODEL_STORE);
+    if (saved && ids.includes(saved)) state.model = saved;
+    ui.modelPicker.replaceChildren(...state.models.map((card) => {
+      const option = document.createElement("option");
+      option.value = card.id;
+      option.textContent = card.status === "ready" ? card.id : `${card.id} (not loaded)`;
+      return option;
+    }));
+    ui.modelPicker.value = state.model && ids.includes(state.model) ? state.model : ids[0];
+    state.model = ui.modelPicker.value;
+    ui.modelField.hidden = false;
+  }
+  const card = state.models.find((c) => c.id === state.model) || state.models[0];
+  if (card && card.n_ctx_per_sequence) setMaxTokensLimit(card.n_ctx_per_sequence);
+  ui.modelName.textContent = state.model || ui.modelName.textContent;
+  ui.title.textContent = state.model || "ggufchat";
+}
+
+function pickModel() {
+  state.model = ui.modelPicker.value;
+  localStorage.setItem(MODEL_STORE, state.model);
+  showModels();
 }
 
 function setStatus(status, model) {
@@ -454,6 +486,7 @@ ui.stop.addEventListener("click", stop);
 ui.newChat.addEventListener("click", newChat);
 ui.newChatTop.addEventListener("click", newChat);
 ui.system.addEventListener("input", saveSettings);
+ui.modelPicker.addEventListener("change", pickModel);
 pair(ui.maxTokens, ui.maxTokensValue);
 pair(ui.temperature, ui.temperatureValue);
 ui.menu.addEventListener("click", () => (document.body.classList.contains("sidebar-open") ? closeSidebar() : openSidebar()));
