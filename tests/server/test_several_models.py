@@ -73,6 +73,12 @@ def test_each_request_is_answered_by_the_model_it_names(model_path, qwen_path, e
         assert listed["smol"].status == "ready" and listed["qwen"].status == "unloaded"
         assert loads.count == {"smol": 1}  # the default model loads at start, the other on first use
 
+        # The first request for qwen waits for its load, and says how long; the next finds it loaded.
+        raw = client.chat.completions.with_raw_response.create(model="qwen", messages=HI, max_tokens=1)
+        assert float(raw.headers["x-model-load-seconds"]) > 0 and raw.parse().model == "qwen"
+        raw = client.chat.completions.with_raw_response.create(model="qwen", messages=HI, max_tokens=1)
+        assert "x-model-load-seconds" not in raw.headers
+
         # Each reply's prompt is the named model's own template and tokenizer, and the model reported.
         for name, own in (("qwen", qwen_engine), ("coder", qwen_engine), ("smol", engine)):
             reply = client.chat.completions.create(model=name, messages=HI, max_tokens=4, temperature=0)

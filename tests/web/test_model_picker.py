@@ -24,6 +24,8 @@ def test_the_picker_sends_the_chosen_model(chat_page: ChatPage, model_path, qwen
         assert chat_page.last_reply_text().strip()
         assert metric(url, "ggufchat_generated_tokens_total", 'model="qwen"') > 0
         assert metric(url, "ggufchat_generated_tokens_total", 'model="smol"') == 0
+        # After the reply the list is read again: qwen is loaded now.
+        page.wait_for_function("document.querySelector('#model-picker option[value=qwen]').textContent === 'qwen'")
         page.screenshot(path=str(artifacts / "model-picker.png"))
         # The choice is kept in this browser: a reload offers qwen again.
         page.reload()

@@ -16,7 +16,7 @@ from ggufchat.server.generation import Generation
 from ggufchat.server.lifecycle import ModelHolder
 from ggufchat.server.output import ChatOutput, CompletionLogprobs
 from ggufchat.server.protocol import ChatCompletionRequest, CompletionRequest
-from ggufchat.server.routes.streaming import ChatChunks, CompletionChunks, EventStream, collect
+from ggufchat.server.routes.streaming import ChatChunks, CompletionChunks, EventStream, collect, load_header
 from ggufchat.server.state import ServerState, server_state
 
 router = APIRouter(tags=["OpenAI"])
@@ -55,8 +55,9 @@ async def chat_completions(request: Request, srv: ServerState = Depends(server_s
         return EventStream(gen, writer, chunks=chunks)
     choices = await collect(gen)
     if pieces is not None:  # token texts for every logprob: more than a few ms for long replies
-        return JSONResponse(await srv.pool.off_loop(lambda: convert.chat_completion(rid, model, choices, fmt, pieces)))
-    return JSONResponse(convert.chat_completion(rid, model, choices, fmt))
+        return JSONResponse(await srv.pool.off_loop(lambda: convert.chat_completion(rid, model, choices, fmt, pieces)),
+                            headers=load_header(gen))
+    return JSONResponse(convert.chat_completion(rid, model, choices, fmt), headers=load_header(gen))
 
 
 def output_format(srv: ServerState, engine: Engine, plan: convert.ToolPlan, parallel: bool,
@@ -106,8 +107,8 @@ async def completions(request: Request, srv: ServerState = Depends(server_state)
     choices = await collect(gen)
     if pieces is not None:
         return JSONResponse(await srv.pool.off_loop(lambda: convert.text_completion(
-            rid, model, choices, echo, pieces=pieces, prompt_tokens=setup["tokens"])))
-    return JSONResponse(convert.text_completion(rid, model, choices, echo))
+            rid, model, choices, echo, pieces=pieces, prompt_tokens=setup["tokens"])), headers=load_header(gen))
+    return JSONResponse(convert.text_completion(rid, model, choices, echo), headers=load_header(gen))
 
 
 @router.get("/v1/models")

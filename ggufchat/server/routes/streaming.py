@@ -77,6 +77,13 @@ class CompletionChunks:
         return self.writer.finish(index, finish)
 
 
+def load_header(gen: Generation) -> dict[str, str]:
+    """The seconds a request waited for its model to load (several models: on first use, or after an
+    unload), as a response header; none when the model was loaded."""
+    seconds = gen.lease.load_seconds
+    return {"X-Model-Load-Seconds": f"{seconds:.3f}"} if seconds else {}
+
+
 class EventStream(Response):
     """A Generation as server-sent events. In place of StreamingResponse over an async generator:
     each token is one await of Generation.next() and one send of ready bytes, no generator layers and
@@ -93,7 +100,8 @@ class EventStream(Response):
         self.chunks = chunks or PlainChunks(writer)
         self.status_code = 200
         self.background = None
-        self.init_headers(SSE_HEADERS)  # no body: no content-length, so the server sends it chunked
+        # no body: no content-length, so the server sends it chunked
+        self.init_headers({**SSE_HEADERS, **load_header(gen)})
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         gen, writer, chunks = self.gen, self.writer, self.chunks

@@ -290,6 +290,7 @@ async function send(text) {
   } finally {
     const stopped = controller.signal.aborted;
     state.controller = null;
+    if (state.models.length > 1) refreshModels(); // the model just used is loaded now, another may not be
     if (view.text || view.thinking) {
       // The answer alone goes back in the history: reasoning models' templates expect no thinking there.
       chat.push({ role: "assistant", content: view.text });
@@ -370,6 +371,18 @@ async function connect() {
     showModels();
   } catch (exc) {
     addError(exc.message);
+  }
+}
+
+async function refreshModels() {
+  try {
+    const response = await apiFetch("v1/models");
+    if (response.ok) {
+      state.models = (await response.json()).data || [];
+      showModels();
+    }
+  } catch {
+    // the next reply tries again
   }
 }
 
