@@ -171,7 +171,11 @@ class Target:
         self.notes: list[str] = []
 
     def payload(self, prompt: str, max_tokens: int) -> dict:
-        p: dict = {"model": self.model or "default", "stream": True, "temperature": 0, "max_tokens": max_tokens}
+        # No `model` unless one was given: every server then uses the model it loaded (ggufchat with
+        # several models its default one, where an arbitrary name would be a 404).
+        p: dict = {"stream": True, "temperature": 0, "max_tokens": max_tokens}
+        if self.model:
+            p["model"] = self.model
         if self.endpoint == "chat":
             p["messages"] = [{"role": "user", "content": prompt}]
         else:
@@ -410,7 +414,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--requests-per-client", type=int, default=2)
     ap.add_argument("--api-key", default=None)
     ap.add_argument("--endpoint", choices=["chat", "completions"], default="chat")
-    ap.add_argument("--model", default=None, help='the "model" field (default: "default")')
+    ap.add_argument("--model", default=None, help='the "model" field (default: none, the server\'s own model)')
     ap.add_argument("--timeout", type=float, default=600.0, help="seconds per request (default 600)")
     ap.add_argument("--extra", default=None, help="JSON object merged into every request body")
     ap.add_argument("--json", dest="json_out", default=None, help="write the numbers to this file")

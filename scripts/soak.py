@@ -127,6 +127,7 @@ class Target:
         self.port = parts.port or 80
         self.api_key = api_key
         self.n_ctx_seq = 32768  # replaced by /v1/models' n_ctx_per_sequence when the server reports it
+        self.model = "soak"  # replaced by /v1/models' first id: a server with several models checks names
         self.n_vocab_hint = 10**7  # a token id no vocabulary reaches
 
     def head(self, method: str, path: str, body: bytes | None) -> bytes:
@@ -389,7 +390,7 @@ class Client:
         if r.random() < self.bad:
             return self._bad_plan()
         kind = r.choices(list(GOOD_WEIGHTS), weights=list(GOOD_WEIGHTS.values()))[0]
-        p: dict = {"model": "soak", "stream": kind.endswith("_stream")}
+        p: dict = {"model": self.target.model, "stream": kind.endswith("_stream")}
         kw: dict = {}
         if kind.startswith("chat"):
             path = "/v1/chat/completions"
@@ -618,12 +619,14 @@ class Sampler:
 
 
 async def discover(target: Target) -> None:
-    """Context length per sequence (for the too-long prompt) from /v1/models, when the server says it."""
+    """The model to name (the first listed: a server with several lists its default first) and its context
+    length per sequence (for the too-long prompt) from /v1/models, when the server says them."""
     with contextlib.suppress(OSError, ValueError, KeyError, IndexError, TypeError, asyncio.TimeoutError,
                              TimeoutError):
         status, body = await http_get(target, "/v1/models", 10.0)
         if status == 200:
             card = json.loads(body)["data"][0]
+            target.model = str(card.get("id") or target.model)
             if card.get("n_ctx_per_sequence"):
                 target.n_ctx_seq = int(card["n_ctx_per_sequence"])
 

@@ -31,6 +31,7 @@ SLOW_FILES = {
     "tests/engine/test_logprobs.py", "tests/deploy/test_nginx.py", "tests/deploy/test_drain.py",
     "tests/deploy/test_prometheus.py", "tests/engine/test_embeddings.py", "tests/cli/test_embed.py",
     "tests/engine/test_draft_model.py", "tests/server/test_speculation.py", "tests/server/test_ollama_pull.py",
+    "tests/server/test_several_models.py", "tests/server/test_serve_models_cli.py", "tests/web/test_model_picker.py",
     "tests/server/test_ollama_qwen.py",
 }
 

@@ -15,6 +15,7 @@ and `aliases`. docs/models.md shows a complete file.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +35,7 @@ from ggufchat.server.ollama_protocol import parse_keep_alive
 from ggufchat.server.pool import Catalog, ModelEntry
 from ggufchat.settings import load_settings
 
+log = logging.getLogger(__name__)
 # Keys of a model's table that are not engine options.
 _OWN_KEYS = {"model", "aliases", "parallel", "keep_alive"}
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b?)\s*$", re.IGNORECASE)
@@ -201,7 +203,7 @@ def build_catalog(src: CatalogSources) -> Catalog:
         default = EMBEDDED_NAME
 
     def discover() -> list[ModelEntry]:
-        found = list(fixed)
+        found: list[ModelEntry | None] = list(fixed)
         if src.models_dir is not None:
             for path in sorted(src.models_dir.glob("*.gguf")):
                 split = split_info(path.name)
@@ -220,6 +222,8 @@ def build_catalog(src: CatalogSources) -> Catalog:
         unique: dict[str, ModelEntry] = {}
         by_file: dict[Path, str] = {}
         for entry in found:
+            if entry is None:
+                continue
             if entry.name in unique or entry.name in {a for e in unique.values() for a in e.aliases}:
                 continue
             first = by_file.get(key := _file_key(entry.path))
@@ -250,8 +254,14 @@ def _name_of(spec: str) -> str:
     return path.stem if path.is_file() else spec
 
 
-def _lazy_entry(src: CatalogSources, name: str, path: str, source: str) -> ModelEntry:
-    return _entry(src, name, path, src.config.defaults, source)
+def _lazy_entry(src: CatalogSources, name: str, path: str, source: str) -> ModelEntry | None:
+    """An entry found while the server runs; None when it cannot be one (a cached model whose file was
+    removed meanwhile): it is left out of the listing rather than failing every lookup."""
+    try:
+        return _entry(src, name, path, src.config.defaults, source)
+    except GgufchatError as exc:
+        log.warning("leaving %s (%s) out: %s", name, path, exc)
+        return None
 
 
 def _entry(src: CatalogSources, name: str, spec: str, settings: ModelSettings, source: str) -> ModelEntry:

@@ -20,6 +20,8 @@ from pathlib import Path
 
 import requests
 
+from tests.server.conftest import metric
+
 ROOT = Path(__file__).resolve().parents[2]
 NGINX_CONF = ROOT / "deploy" / "nginx" / "ggufchat.conf"
 NGINX_REPLICAS = ROOT / "deploy" / "nginx" / "ggufchat-replicas.conf"
@@ -70,12 +72,7 @@ class Replica:
         return self.log_path.read_text(errors="replace")
 
     def metric(self, name: str, labels: str = "") -> float:
-        text = requests.get(self.url + "/metrics", timeout=10).text
-        key = f"{name}{{{labels}}}" if labels else name
-        for line in text.splitlines():
-            if line.startswith(key + " "):
-                return float(line.split()[-1])
-        return 0.0
+        return metric(self.url, name, labels)
 
     def stop(self) -> None:
         if self.proc.poll() is None:

@@ -221,7 +221,7 @@ def test_deployment_agrees_with_ggufchat(engine):
             assert requests.get(url + path, timeout=5).status_code == 200, path
         metrics = requests.get(url + "/metrics", headers={"Authorization": "Bearer secret"}, timeout=5).text
     for name in set(re.findall(r"ggufchat_\w+", keda_query)) | {"ggufchat_slots"}:
-        assert re.search(rf"^{name} ", metrics, re.M), name
+        assert re.search(rf'^{name}{{model="m"}} ', metrics, re.M), name  # summed over `model` by the query
 
 
 # nginx and compose.
