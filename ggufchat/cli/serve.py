@@ -270,7 +270,8 @@ def _run(config, load, catalog, limits, grammar, host: str, port: int, engine_kw
     else:
         app = create_app(config, catalog=catalog, on_fatal=on_fatal)
         found = catalog.discover()
-        budget = f"{catalog.memory_budget / (1 << 30):.1f} GiB" if catalog.memory_budget else "no memory limit"
+        budget = (f"memory budget {catalog.memory_budget / (1 << 30):.1f} GiB" if catalog.memory_budget
+                  else "no memory budget")
         loaded = f", at most {catalog.max_loaded} loaded" if catalog.max_loaded else ""
         what = (f"{len(found)} models (default {config.model_id!r}; GET /v1/models lists them)",
                 f"{budget}{loaded}")
