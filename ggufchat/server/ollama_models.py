@@ -127,7 +127,7 @@ def model_list(srv: ServerState, state: OllamaState, *, running: bool,
             if path is None:
                 continue
             model = _local(state, _name(srv, holder), path)
-            out.append({**model.entry(), "expires_at": _expires_at(holder), "size_vram": _vram(engine, model.size),
+            out.append({**model.entry(), "expires_at": expires_at(holder), "size_vram": _vram(engine, model.size),
                         "context_length": engine.n_ctx_seq})
         return out
     found: list[LocalModel] = []
@@ -156,7 +156,8 @@ def _name(srv: ServerState, holder: ModelHolder) -> str:
     return holder.name if srv.pool.several else srv.config.model_id
 
 
-def _expires_at(holder: ModelHolder) -> str:
+def expires_at(holder: ModelHolder) -> str:
+    """When the idle model unloads, in UTC (about 292 years ahead for a model kept for ever)."""
     now = datetime.now(timezone.utc)
     if holder.users:  # in use: the request's keep_alive starts when it ends
         seconds = holder.keep_alive

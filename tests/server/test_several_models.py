@@ -133,6 +133,7 @@ def test_a_budget_of_one_model_evicts_the_least_recently_used(model_path, qwen_p
         assert _loaded(url) == ["qwen"]
         health = requests.get(url + "/health", timeout=10).json()
         assert health["models"][0]["memory_bytes"] == both[1]
+        assert health["models"][0]["expires_at"] > "2300"  # no keep_alive, no --idle-unload: kept
 
 
 def _stream(url: str, model: str, out: dict) -> None:

@@ -12,6 +12,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from ggufchat.engine import Engine
 from ggufchat.server.body import documented, parse
 from ggufchat.server.errors import error_body
+from ggufchat.server.ollama_models import expires_at
 from ggufchat.server.protocol import DetokenizeRequest, TokenizeRequest
 from ggufchat.server.state import ServerState, server_state
 
@@ -52,7 +53,8 @@ async def health(srv: ServerState = Depends(server_state)):
 def _loaded(holder) -> dict:
     stats = holder.stats()
     return {"name": holder.name, "state": holder.state, "memory_bytes": holder.memory,
-            "slots_processing": stats.active_sequences, "queue_depth": stats.queue_depth}
+            "slots_processing": stats.active_sequences, "queue_depth": stats.queue_depth,
+            "expires_at": expires_at(holder)}
 
 
 @router.get("/health/ready")
