@@ -281,8 +281,14 @@ def _entry(src: CatalogSources, name: str, spec: str, settings: ModelSettings, s
 
         return estimate_memory(load)
 
+    def describe(fim):
+        from ggufchat.engine.describe import describe
+
+        return describe(load, engine_kwargs.get("chat_template"), engine_kwargs.get("chat_template_file"), fim)
+
     return ModelEntry(name=name, path=Path(load.model_path), factory=factory, n_parallel=parallel,
-                      aliases=settings.aliases, keep_alive=settings.keep_alive, memory=memory, source=source)
+                      aliases=settings.aliases, keep_alive=settings.keep_alive, memory=memory, source=source,
+                      describe=describe)
 
 
 def default_memory_budget(offload: bool) -> int:

@@ -12,9 +12,8 @@ from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
-import llama_cpp
-
 from ggufchat.engine import grammar as gbnf
+from ggufchat.engine.describe import generates
 from ggufchat.engine.draft_model import load_draft
 from ggufchat.engine.embeddings import Embedder, EmbeddingInput, Embeddings, EmbeddingSpec, spec_for
 from ggufchat.engine.loader import LoadedModel, LoadOptions
@@ -135,10 +134,7 @@ class Engine:
         try:
             self._description = self.model.description()
             info = self.model.info
-            # A BERT-style encoder (non-causal attention, no decoder) embeds; it cannot continue a text.
-            self.generates = info.get(f"{info.architecture or ''}.attention.causal", True) is not False and (
-                bool(llama_cpp.llama_model_has_decoder(self.model.model))
-                or not llama_cpp.llama_model_has_encoder(self.model.model))
+            self.generates = generates(info, self.model.model)
             self._offload_summary = self.model.offload_summary()
             self.template = self._pick_template(chat_template, chat_template_file)
         except BaseException:

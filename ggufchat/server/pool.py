@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from ggufchat.engine import Engine
+from ggufchat.engine.describe import ModelFacts
 from ggufchat.errors import ModelNotFound, NoRoom
 from ggufchat.machine import available_cpus
 from ggufchat.server.lifecycle import ModelHolder, ServerConfig
@@ -48,6 +49,8 @@ class ModelEntry:
     # Estimated bytes once loaded (blocking: reads the GGUF header).
     memory: Callable[[], int] | None = field(default=None, compare=False)
     source: str = "cache"  # where it was found: command line, config, models-dir, cache, embedded
+    # Its facts without loading it (engine/describe.py), given the fill-in-the-middle check (blocking).
+    describe: Callable[[Callable], ModelFacts] | None = field(default=None, compare=False)
 
 
 @dataclass

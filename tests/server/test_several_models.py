@@ -17,6 +17,7 @@ import pytest
 import requests
 
 from ggufchat.engine import Engine, LoadOptions
+from ggufchat.engine.describe import describe
 from ggufchat.engine.loader import estimate_memory
 from ggufchat.server.app import create_app
 from ggufchat.server.lifecycle import ServerConfig
@@ -42,7 +43,7 @@ class Loads:
             return Engine(load)
 
         return ModelEntry(name, path, factory, n_parallel=2, aliases=aliases, keep_alive=keep_alive,
-                          memory=lambda: estimate_memory(load))
+                          memory=lambda: estimate_memory(load), describe=lambda fim: describe(load, fim=fim))
 
 
 @contextmanager
@@ -73,6 +74,15 @@ def test_each_request_is_answered_by_the_model_it_names(model_path, qwen_path, e
         assert listed["smol"].status == "ready" and listed["qwen"].status == "unloaded"
         assert loads.count == {"smol": 1}  # the default model loads at start, the other on first use
 
+        # /api/show of a model not loaded reads its header and vocabulary: nothing is loaded for it, and it
+        # says what the loaded model says.
+        o = ollama.Client(host=url, timeout=120)
+        unloaded = o.show("qwen")
+        assert loads.count == {"smol": 1}
+        assert set(unloaded.capabilities) == {"completion", "tools", "insert"}
+        assert unloaded.modelinfo["general.architecture"] == "qwen2" and "<|im_start|>" in unloaded.template
+        assert "num_ctx                        1024" in unloaded.parameters  # its -c 2048 over 2 sequences
+
         # The first request for qwen waits for its load, and says how long; the next finds it loaded.
         raw = client.chat.completions.with_raw_response.create(model="qwen", messages=HI, max_tokens=1)
         assert float(raw.headers["x-model-load-seconds"]) > 0 and raw.parse().model == "qwen"
@@ -89,8 +99,9 @@ def test_each_request_is_answered_by_the_model_it_names(model_path, qwen_path, e
         assert _loaded(url) == ["qwen", "smol"]
 
         # The Ollama API reaches the same models: show reads the named model's own header.
-        o = ollama.Client(host=url, timeout=120)
-        assert o.show("qwen").modelinfo["general.architecture"] == "qwen2"
+        loaded = o.show("qwen")
+        assert (loaded.capabilities, loaded.template, loaded.parameters) == (
+            unloaded.capabilities, unloaded.template, unloaded.parameters)
         assert o.show("smol:latest").modelinfo["general.architecture"] == "llama"
         assert {m.model for m in o.list().models} == {"smol", "qwen"}
 

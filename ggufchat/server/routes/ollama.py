@@ -125,9 +125,16 @@ async def show(request: Request, srv: ServerState = Depends(server_state)):
     body = await parse(request, OllamaShowRequest, srv.pool)
     target = await srv.pool.resolve(_name(body))
     state = _state(request)
+    entry = srv.pool.entries.get(target.holder.name)
+    if target.holder.engine is None and entry is not None and entry.describe is not None:
+        # Not loaded: read from the header and vocabulary, rather than loading (and maybe evicting) models
+        # to describe one (clients such as Continue show every model they list).
+        facts = await srv.pool.off_loop(lambda: entry.describe(oc.fim_tokens))
+        return await srv.pool.off_loop(lambda: ollama_models.show(srv, state, target, facts))
     lease = await target.holder.lease(0)
     try:
-        return await srv.pool.off_loop(lambda: ollama_models.show(srv, state, target, lease.engine))
+        return await srv.pool.off_loop(lambda: ollama_models.show(
+            srv, state, target, ollama_models.engine_facts(state, lease.engine)))
     finally:
         lease.release()
 
