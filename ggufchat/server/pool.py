@@ -163,6 +163,10 @@ class ModelPool:
                 self._names.setdefault(alias, entry.name)
         self._names.update({name: name for name in self.holders})
 
+    def invalidate(self) -> None:
+        """The cache changed here (a pull, a delete): the next lookup reads the catalog again at once."""
+        self._scanned = 0.0
+
     def lookup(self, name: str) -> ModelHolder | None:
         for candidate in (name, name.removesuffix(_LATEST)):
             if candidate in self._names and self._names[candidate] in self.holders:

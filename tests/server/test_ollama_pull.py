@@ -113,3 +113,42 @@ def test_pull_failures(client: ollama.Client):
     with pytest.raises(ollama.ResponseError) as err:
         list(client.pull("llama3.2", stream=True))
     assert err.value.status_code == 400 and "unknown model" in err.value.error
+
+
+def test_a_server_of_the_cache_serves_a_model_pulled_while_it_runs(hub: FakeHub, tmp_path, monkeypatch):
+    """`ggufchat serve` without a model: the cache and the embedded model; a model pulled meanwhile is
+    listed and answers by its name at once, and cannot be deleted while it is loaded."""
+    from ggufchat.cli.options import EngineFlags
+    from ggufchat.cli.serve_models import CatalogSources, build_catalog
+    from ggufchat.engine.grammar import GrammarLimits
+    from ggufchat.models.embedded import NAME as EMBEDDED
+    from ggufchat.server import pool
+    from tests.server.conftest import wait_for
+
+    home = tmp_path / "home"
+    monkeypatch.setenv("GGUFCHAT_HOME", str(home))  # where the catalog looks, as `ggufchat serve` reads it
+    # No rescan of the cache by time in this test: the pull itself must make the new model known.
+    monkeypatch.setattr(pool, "RESCAN_SECONDS", 3600)
+    catalog = build_catalog(CatalogSources(EngineFlags({"n_ctx": 1024}), parallel=1, grammar=GrammarLimits()))
+    app = create_app(ServerConfig(model_id=catalog.default, n_parallel=1), catalog=catalog,
+                     settings=Settings(home=home, hf_endpoint=hub.url, ms_endpoint=hub.url))
+    name = "hf://org/tiny-GGUF:q4_1"
+    hi = [{"role": "user", "content": "Hi"}]
+    with running(app) as url:
+        client = ollama.Client(host=url, timeout=120)
+        assert [m.model for m in client.list().models] == [EMBEDDED]
+        with pytest.raises(ollama.ResponseError) as err:
+            client.chat(model=name, messages=hi)
+        assert err.value.status_code == 404
+        assert client.pull("hf.co/org/tiny-GGUF:Q4_1").status == "success"
+        # At once, no listing in between.
+        reply = client.chat(model=name, messages=hi, options={"num_predict": 2})
+        assert {m.model for m in client.list().models} == {EMBEDDED, name}
+        assert reply.model == name and reply.eval_count == 2
+        with pytest.raises(ollama.ResponseError) as err:
+            client.delete(name)
+        assert err.value.status_code == 400 and "loaded" in err.value.error
+        client.generate(model=name, prompt="", keep_alive=0)  # `ollama stop`
+        assert wait_for(lambda: name not in {m.model for m in client.ps().models}, 10)
+        assert client.delete(name).status == "success"
+        assert [m.model for m in client.list().models] == [EMBEDDED]

@@ -146,6 +146,7 @@ async def delete(request: Request, srv: ServerState = Depends(server_state)):
     name = _name(body)
     state = _state(request)
     await asyncio.to_thread(ollama_models.delete, srv, state, name)
+    srv.pool.invalidate()
     return Response(status_code=200)
 
 
@@ -156,8 +157,11 @@ async def pull(request: Request, srv: ServerState = Depends(server_state)):
     spec = ollama_pull.spec_of(_name(body))
     events = ollama_pull.pull(spec, _state(request).settings)
     if not body.stream:
-        async for _ in events:
-            pass
+        try:
+            async for _ in events:
+                pass
+        finally:
+            srv.pool.invalidate()  # the next request for the new model finds it at once
         return {"status": "success"}
 
     async def lines() -> AsyncIterator[str]:
@@ -166,6 +170,8 @@ async def pull(request: Request, srv: ServerState = Depends(server_state)):
                 yield oc.Lines.line_of(obj)
         except Exception as exc:  # noqa: BLE001 - the status line is sent: the error goes in the stream
             yield oc.Lines.error(error_message(exc))
+        finally:
+            srv.pool.invalidate()
 
     return StreamingResponse(lines(), media_type=NDJSON)
 
