@@ -156,17 +156,24 @@ def _stream(url: str, model: str, out: dict) -> None:
     out.update(text="".join(pieces), finish=finish, end=time.monotonic())
 
 
+def _qwen_during_a_smol_stream(url: str) -> tuple[dict, object, float]:
+    """A long stream on smol and, once it has begun, a request for qwen: the stream's record, qwen's reply
+    and when it came."""
+    out: dict = {}
+    streaming = threading.Thread(target=_stream, args=(url, "smol", out))
+    streaming.start()
+    assert wait_for(lambda: "first" in out, 30)
+    reply = _client(url).chat.completions.create(model="qwen", messages=HI, max_tokens=3)
+    qwen_done = time.monotonic()
+    streaming.join(120)
+    return out, reply, qwen_done
+
+
 def test_a_long_stream_is_not_disturbed_by_loading_another_model(model_path, qwen_path):
     loads = Loads()
     with several([loads.entry("smol", model_path), loads.entry("qwen", qwen_path)]) as url:
         alone = _client(url).completions.create(model="smol", **LONG).choices[0].text
-        out: dict = {}
-        streaming = threading.Thread(target=_stream, args=(url, "smol", out))
-        streaming.start()
-        assert wait_for(lambda: "first" in out, 30)
-        reply = _client(url).chat.completions.create(model="qwen", messages=HI, max_tokens=3)
-        qwen_done = time.monotonic()
-        streaming.join(120)
+        out, reply, qwen_done = _qwen_during_a_smol_stream(url)
         assert loads.count == {"smol": 1, "qwen": 1}
         assert qwen_done < out["end"], "qwen loaded and answered while smol streamed"
         assert reply.model == "qwen"
@@ -177,13 +184,7 @@ def test_a_long_stream_is_not_disturbed_by_loading_another_model(model_path, qwe
 def test_a_model_answering_requests_is_never_evicted(model_path, qwen_path):
     loads = Loads()
     with several([loads.entry("smol", model_path), loads.entry("qwen", qwen_path)], max_loaded=1) as url:
-        out: dict = {}
-        streaming = threading.Thread(target=_stream, args=(url, "smol", out))
-        streaming.start()
-        assert wait_for(lambda: "first" in out, 30)
-        reply = _client(url).chat.completions.create(model="qwen", messages=HI, max_tokens=3)
-        qwen_done = time.monotonic()
-        streaming.join(120)
+        out, reply, qwen_done = _qwen_during_a_smol_stream(url)
         # qwen waited for the stream to end, then took smol's place.
         assert out["finish"] == "length" and len(out["text"]) > 100
         assert out["end"] < qwen_done and reply.model == "qwen"
