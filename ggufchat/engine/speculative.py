@@ -221,12 +221,14 @@ class NgramDrafter:
         """This step's draft: at most `limit` tokens (the scheduler's cap), the source's own length, and
         what `priced(price, k)` says is worth verifying of k tokens.
 
-        The sequence's own history is the better guess (it is this text), unless its match is short and
-        the pool knows a POOL_NGRAM-token run ending here: then that run's continuation is likelier."""
+        The sequence's own history is the better guess (it is this text). The pool drafts where it has
+        no match, and where its match is shorter than the pool's POOL_NGRAM-token run while the pool's
+        drafts have fared at least as well as its own: a request repeating an earlier reply."""
         own_ready = self.own.ready()
         pool_ready = self.pool is not None and self.pooled.ready()
         match = self._match() if own_ready else None
-        if pool_ready and (match is None or self._context(*match, self.pool.n) < self.pool.n):
+        if pool_ready and (match is None or (self.pooled.price.acceptance >= self.own.price.acceptance
+                                             and self._context(*match, self.pool.n) < self.pool.n)):
             draft = self.pool.lookup(self.history, min(limit, self.pooled.max_len))
             if draft:
                 self._last = self.pooled

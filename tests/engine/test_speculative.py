@@ -128,11 +128,15 @@ def test_pool_memory_is_bounded_and_keeps_what_is_refreshed():
     assert pool.lookup([7, 7], 2) == [1]  # learned again and again: still there
 
 
-def test_own_history_first_unless_its_match_is_shorter_than_the_pools():
+def test_own_history_first_unless_its_match_is_shorter_than_the_pools_and_the_pool_fares_as_well():
     pool = learned([5, 6, 7, 8, 9, 1, 2, 3], n=4)
     # Own history holds "7 8 9" followed by 4: a 3-token match, shorter than the pool's 4.
     d = NgramDrafter([7, 8, 9, 4, 0, 6, 7, 8, 9], pool)
     assert d.draft(3) == [1, 2, 3] and d.from_pool
+    # ...but not once its own drafts have fared better than the pool's.
+    d = NgramDrafter([7, 8, 9, 4, 0, 6, 7, 8, 9], pool)
+    d.own.price.update(4, 4)
+    assert d.draft(3) == [4, 0, 6] and not d.from_pool
     # Both hold "6 7 8 9" and more before it: own history wins.
     d = NgramDrafter([5, 6, 7, 8, 9, 4, 5, 6, 7, 8, 9], pool)
     assert d.draft(3) == [4, 5, 6] and not d.from_pool
