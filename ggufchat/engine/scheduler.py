@@ -25,7 +25,7 @@ from ggufchat.engine.draft_model import DraftModel
 from ggufchat.engine.loader import LoadedModel
 from ggufchat.engine.logprobs import next_token_logprobs, token_logprob
 from ggufchat.engine.sampling import LogitsRows, Sampler, logits_block
-from ggufchat.engine.speculative import DraftState, NgramDrafter, StepCosts
+from ggufchat.engine.speculative import DraftState, NgramDrafter, NgramPool, StepCosts
 from ggufchat.engine.stops import StopMatcher
 from ggufchat.engine.tokens import Detokenizer, Tokenizer, common_prefix
 from ggufchat.engine.types import Delta, Event, Finish, GenerationRequest, Usage
@@ -157,6 +157,8 @@ class Scheduler:
         self.draft_max = model.options.draft_max
         self.draft_min = model.options.draft_min
         self.step_costs = StepCosts()  # what plain generation steps cost, by size: drafts are priced on it
+        # n-grams of finished greedy sequences, drafts for later ones (speculative.py); engine thread only
+        self.ngram_pool = NgramPool() if model.options.spec == "ngram" else None
         self.tokenizer = tokenizer
         self.slots = [Slot(i) for i in range(model.n_seq_max)]
         self.n_ctx_seq = model.n_ctx_seq
@@ -181,6 +183,8 @@ class Scheduler:
         self.steps = 0
         self.drafted_tokens = 0  # speculation: tokens drafted and verified since the model was loaded
         self.accepted_tokens = 0  # of those, the ones the model's greedy choice agreed with
+        self.pool_drafted_tokens = 0  # the part of those counts drafted from the n-gram pool
+        self.pool_accepted_tokens = 0
         self.decode_seconds = 0.0  # time inside llama_decode: the rest of a step is our own overhead
         self.n_vocab = tokenizer.n_vocab
         self.rows = LogitsRows(tokenizer.n_vocab)  # logits rows for logprobs
@@ -206,13 +210,16 @@ class Scheduler:
         return done
 
     def forget_cached(self) -> None:
-        """Engine thread only: drop the KV of every idle slot, so no later request reuses it."""
+        """Engine thread only: drop the KV of every idle slot and the n-gram pool, so no later request
+        reuses what earlier ones left."""
         for slot in self.slots:
             if not slot.busy:
                 llama_cpp.llama_memory_seq_rm(self.model.memory, slot.seq_id, -1, -1)
                 slot.tokens.clear()
                 if self.draft_model is not None:
                     self.draft_model.forget(slot.seq_id)
+        if self.ngram_pool is not None:  # what earlier requests said is forgotten too
+            self.ngram_pool.clear()
 
     def cancel(self, seq: Sequence) -> None:
         seq.cancelled = True
@@ -244,8 +251,10 @@ class Scheduler:
         self._started = True
         batch = llama_cpp.llama_batch_init(self.n_batch, 0, 1)
         try:
+            pool = self.ngram_pool
             while not self._closing:
-                self._drain_inbox(block=not self._active and not self._waiting)
+                self._drain_inbox(block=not self._active and not self._waiting
+                                  and not (pool is not None and pool.pending))
                 if self._closing:
                     break
                 self._reap_cancelled()
@@ -253,6 +262,8 @@ class Scheduler:
                 if self._active:
                     self._step(batch)
                 self._flush()
+                if pool is not None and pool.pending:
+                    pool.index()  # a chunk a step: learning a long sequence never stalls the others
         except BaseException as exc:  # the loop must never die silently with requests pending
             log.exception("engine loop failed")
             self.failure = EngineStopped(f"the engine stopped: {type(exc).__name__}: {exc}")
@@ -463,12 +474,16 @@ class Scheduler:
         return min(limit, self.n_ctx_seq - len(seq.slot.tokens) - 2)
 
     def _draft(self, seq: Sequence, room: int, n_generating: int) -> list[int]:
-        limit = self._draft_limit(seq, room)
-        if limit > 0:
+        limit = min(self._draft_limit(seq, room), self.draft_max)
+        if limit <= 0:
+            return []
+        costs = self.step_costs.view(n_generating)
+
+        def priced(price: DraftState, k: int) -> int:
             # Looking up costs nothing: only verifying is priced, on the measured step costs.
-            limit = seq.drafter.price.draft_len(self.step_costs.view(n_generating), 0.0, n_generating,
-                                                min(limit, self.draft_max))
-        return seq.drafter.draft(limit) if limit > 0 else []
+            return price.draft_len(costs, 0.0, n_generating, k)
+
+        return seq.drafter.draft(limit, priced)
 
     def _model_drafts(self, room: int, n_generating: int) -> dict[int, list[int]]:
         """The draft model's drafts for this step, by sequence id: each sequence's length priced on the
@@ -514,6 +529,9 @@ class Scheduler:
         seq.usage.accepted_tokens += accepted
         self.drafted_tokens += len(draft)
         self.accepted_tokens += accepted
+        if isinstance(seq.drafter, NgramDrafter) and seq.drafter.from_pool:
+            self.pool_drafted_tokens += len(draft)
+            self.pool_accepted_tokens += accepted
         seq.drafter.update(len(draft), accepted)
 
     def _sample_at(self, seq: Sequence, index: int) -> int | None:
@@ -574,6 +592,8 @@ class Scheduler:
             if tail or seq.unsent:
                 self._emit(seq, Delta(tail, seq.unsent, seq.unsent_logprobs))
         seq.usage.t_end = time.perf_counter()
+        if self.ngram_pool is not None and isinstance(seq.drafter, NgramDrafter) and reason in ("stop", "length"):
+            self.ngram_pool.learn(seq.drafter.history)
         self._emit(seq, Finish(reason, seq.usage, error, eog_token))
         seq.sampler.free()  # idempotent
         if seq.slot is not None:

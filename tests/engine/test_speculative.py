@@ -8,7 +8,7 @@ from ggufchat.bench import edit_prompt
 from ggufchat.cli.options import BY_NAME
 from ggufchat.engine import Engine, GenerationRequest, LoadOptions, SamplingParams
 from ggufchat.engine.scheduler import draft_room
-from ggufchat.engine.speculative import MAX_DRAFT, MIN_DRAFT, START_DRAFT, NgramDrafter
+from ggufchat.engine.speculative import MAX_DRAFT, MIN_DRAFT, START_DRAFT, NgramDrafter, NgramPool
 from ggufchat.errors import InvalidParameter
 from tests.conftest import N_SEQ, chat
 from tests.engine.test_batching import PROMPTS
@@ -67,21 +67,99 @@ def test_lookup_falls_back_to_shorter_ngrams_and_finds_nothing_new():
 
 def test_draft_length_follows_acceptance():
     d = NgramDrafter([1, 2, 1, 2, 1, 2, 1, 2] * 10)
-    assert d.max_len == START_DRAFT
+    assert d.own.max_len == START_DRAFT
     assert len(d.draft(100)) == START_DRAFT
     d.update(START_DRAFT, START_DRAFT)  # fully accepted: grows
-    assert d.max_len == 2 * START_DRAFT
+    assert d.own.max_len == 2 * START_DRAFT
     for _ in range(10):
-        d.update(d.max_len, d.max_len)
-    assert d.max_len == MAX_DRAFT
+        d.update(d.own.max_len, d.own.max_len)
+    assert d.own.max_len == MAX_DRAFT
     assert len(d.draft(3)) == 3  # the scheduler's cap wins
+    assert len(d.draft(100, lambda price, k: min(k, 5))) == 5  # and so does the price
     d.update(8, 3)  # partly: what was accepted, plus one
-    assert d.max_len == 4
+    assert d.own.max_len == 4
     d.update(4, 0)
-    assert d.max_len == MIN_DRAFT and d.draft(100)  # one miss: no pause yet
+    assert d.own.max_len == MIN_DRAFT and d.draft(100)  # one miss: no pause yet
     d.update(2, 0)
     assert [d.draft(100) for _ in range(3)] == [[], [], []]  # two misses in a row: a pause
     assert d.draft(100)
+
+
+# The pool of earlier sequences' n-grams.
+
+def learned(*sequences: list[int], n: int = 3, entries: int = 1000) -> NgramPool:
+    pool = NgramPool(n, entries)
+    for tokens in sequences:
+        pool.learn(list(tokens))
+    while pool.pending:
+        pool.index()
+    return pool
+
+
+def test_pool_drafts_what_followed_in_an_earlier_sequence_token_by_token():
+    pool = learned([1, 2, 3, 4, 5, 6, 7], [9, 9, 2, 3, 4, 8])
+    assert pool.lookup([0, 2, 3, 4], 3) == [8]  # the latest sequence wins; then "3 4 8" is unknown
+    assert pool.lookup([7, 1, 2, 3], 10) == [4, 8]  # the chain follows the draft's own last n tokens
+    assert pool.lookup([4, 5, 6], 2) == [7]
+    assert pool.lookup([5, 6, 7], 4) == [] and pool.lookup([2, 3], 4) == []
+    pool.clear()
+    assert pool.lookup([7, 1, 2, 3], 10) == []
+
+
+def test_pool_learns_a_long_sequence_a_chunk_at_a_time():
+    pool = NgramPool(2, 10_000)
+    pool.learn(list(range(1000)))
+    pool.index(100)
+    assert pool.pending and pool.lookup([40, 41], 3) == [42, 43, 44] and pool.lookup([500, 501], 1) == []
+    while pool.pending:
+        pool.index(100)
+    assert pool.lookup([500, 501], 1) == [502]
+
+
+def test_pool_memory_is_bounded_and_keeps_what_is_refreshed():
+    pool = NgramPool(2, 100)  # two generations of 50 entries
+    hot = [7, 7, 7, 1]
+    for start in range(0, 10_000, 10):
+        pool.learn(list(range(100_000 + start, 100_000 + start + 10)))
+        pool.learn(hot)
+        pool.index(10_000)
+        assert len(pool.young) + len(pool.old) <= 100
+    assert pool.lookup([100_000, 100_001], 1) == []  # the oldest are gone
+    assert pool.lookup([7, 7], 2) == [1]  # learned again and again: still there
+
+
+def test_own_history_first_unless_its_match_is_shorter_than_the_pools_and_the_pool_fares_as_well():
+    pool = learned([5, 6, 7, 8, 9, 1, 2, 3], n=4)
+    # Own history holds "7 8 9" followed by 4: a 3-token match, shorter than the pool's 4.
+    d = NgramDrafter([7, 8, 9, 4, 0, 6, 7, 8, 9], pool)
+    assert d.draft(3) == [1, 2, 3] and d.from_pool
+    # ...but not once its own drafts have fared better than the pool's.
+    d = NgramDrafter([7, 8, 9, 4, 0, 6, 7, 8, 9], pool)
+    d.own.price.update(4, 4)
+    assert d.draft(3) == [4, 0, 6] and not d.from_pool
+    # Both hold "6 7 8 9" and more before it: own history wins.
+    d = NgramDrafter([5, 6, 7, 8, 9, 4, 5, 6, 7, 8, 9], pool)
+    assert d.draft(3) == [4, 5, 6] and not d.from_pool
+    # No own match at all: the pool.
+    d = NgramDrafter([0, 0, 6, 7, 8, 9], pool)
+    assert d.draft(8) == [1, 2, 3] and d.from_pool
+
+
+def test_pool_misses_pause_the_pool_not_own_history():
+    pool = learned([1, 2, 3, 4, 5, 6, 7, 8], n=4)
+    d = NgramDrafter([9, 9, 9, 1, 2, 3, 4], pool)  # no own match: pool drafts
+    assert d.draft(4) and d.from_pool
+    d.update(4, 0)
+    assert d.pooled.max_len == MIN_DRAFT and d.own.max_len == START_DRAFT
+    assert d.draft(4) and d.from_pool
+    d.update(2, 0)
+    assert d.pooled.pause > 0
+    for tok in (9, 9):  # now own history matches "9 9": it drafts while the pool is paused
+        d.push(tok)
+    assert d.draft(4) == [1, 2, 3, 4] and not d.from_pool
+    d.update(4, 4)
+    assert d.own.max_len == 2 * START_DRAFT and d.pooled.max_len == MIN_DRAFT
+    assert d.pooled.price.acceptance < d.own.price.acceptance
 
 
 def test_no_drafts_once_the_batch_is_busy():
@@ -115,6 +193,25 @@ def test_speculation_drafts_and_keeps_greedy_output(fresh: Engine):
     assert accepted > 30 and drafted > accepted
     stats = fresh.stats()
     assert stats.accepted_tokens >= accepted and stats.drafted_tokens >= drafted
+
+
+def test_a_request_like_a_finished_one_drafts_from_the_pool(model_path):
+    # A reply that neither copies its prompt nor repeats itself: its own history has little to draft
+    # from, but the same question asked again can draft the whole earlier reply from the pool. (An
+    # engine of its own: the step costs other tests measured would price these drafts differently.)
+    with Engine(LoadOptions(model_path=model_path, n_seq_max=1, n_ctx=2048, seed=0, spec="ngram")) as eng:
+        prompt = chat(eng, "Write a short poem about the sea.")
+        scheduler = eng.scheduler
+        alone, first = run(eng, prompt, speculative=True, n=60)
+        assert scheduler.pool_drafted_tokens == 0  # nothing learned yet
+        again = eng.submit(GenerationRequest(prompt, SamplingParams.greedy(), max_tokens=60))
+        assert again.tokens() == alone
+        assert scheduler.pool_accepted_tokens > 30
+        assert again.finish.usage.accepted_tokens > first.usage.accepted_tokens + 20
+        assert scheduler.pool_drafted_tokens < scheduler.pool_accepted_tokens + 8  # and it guessed well
+        drafted = scheduler.pool_drafted_tokens
+        run(eng, prompt, speculative=True, n=60)  # clear_cache forgets the pool too
+        assert scheduler.pool_drafted_tokens == drafted
 
 
 def test_eight_concurrent_speculating_sequences_equal_sequential(fresh: Engine):
