@@ -37,3 +37,14 @@ def test_bench_servers_interleaved_rounds(tmp_path: Path):
         assert lv["errors"] == 0 and lv["tokens_per_request"] == 5
         assert len(lv["rounds_aggregate_tps"]) == 2 and all(lv["rounds_aggregate_tps"])
     assert "rounds rotating over them" in out.stdout  # the table says how it was measured
+
+
+def test_bench_verify_prints_every_size():
+    out = subprocess.run([sys.executable, str(SCRIPTS / "bench_verify.py"), "--reps", "1", "--threads", "1"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    rows = [line.split() for line in out.stdout.splitlines() if line.split() and line.split()[0].isdigit()]
+    assert [int(r[0]) for r in rows] == [1, 2, 4, 8, 16]
+    assert rows[0][-1] == "1.00x"
+    # More positions cost more time: the table is measured, not made up.
+    assert float(rows[-1][1]) > float(rows[0][1])
