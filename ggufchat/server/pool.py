@@ -48,7 +48,6 @@ class ModelEntry:
     keep_alive: float | None = None  # seconds loaded after the last request; None = the server's --idle-unload
     # Estimated bytes once loaded (blocking: reads the GGUF header).
     memory: Callable[[], int] | None = field(default=None, compare=False)
-    source: str = "cache"  # where it was found: command line, config, models-dir, cache, embedded
     # Its facts without loading it (engine/describe.py), given the fill-in-the-middle check (blocking).
     describe: Callable[[Callable], ModelFacts] | None = field(default=None, compare=False)
 
@@ -62,7 +61,6 @@ class Catalog:
     default: str
     max_loaded: int = 0  # 0 = as many as the memory budget allows
     memory_budget: int = 0  # bytes; 0 = no memory limit
-    entries: list[ModelEntry] = field(default_factory=list)  # filled by the pool
 
 
 @dataclass(frozen=True)
@@ -149,14 +147,13 @@ class ModelPool:
             if holder is None or (holder.engine is None and self.entries.get(entry.name) != entry):
                 if holder is not None and holder.users:
                     continue  # a load is under way with the old entry; the next scan replaces it
-                holder = self._add(entry.name, factory=entry.factory, n_parallel=entry.n_parallel,
+                self._add(entry.name, factory=entry.factory, n_parallel=entry.n_parallel,
                                    keep_alive=entry.keep_alive if entry.keep_alive is not None
                                    else self.config.idle_unload, memory=entry.memory)
         for name, holder in list(self.holders.items()):
             if name not in entries and holder.engine is None and not holder.users and holder is not self.default:
                 del self.holders[name]
         self.entries = entries
-        self.catalog.entries = found
         self._names = {}
         for entry in found:  # aliases first, so a model's own name wins over another's alias
             for alias in entry.aliases:
@@ -177,7 +174,7 @@ class ModelPool:
         """The one place a request's `model` is turned into a model. One model: it, whatever the name.
         Several: the one named (the default when no name is given); unknown -> 404 model_not_found."""
         if self.catalog is None or not name:
-            return Target(self.default.name if self.catalog is not None else self.config.model_id, self.default)
+            return Target(self.default.name, self.default)
         holder = self.lookup(name)
         if holder is None:
             await self.refresh()

@@ -129,8 +129,7 @@ async def model(model_id: str, srv: ServerState = Depends(server_state)):
 
 
 def model_card(srv: ServerState, holder: ModelHolder) -> dict:
-    name = holder.name if srv.pool.several else srv.config.model_id
-    card = {"id": name, "object": "model", "created": holder.created, "owned_by": "ggufchat",
+    card = {"id": holder.name, "object": "model", "created": holder.created, "owned_by": "ggufchat",
             "status": holder.state, "n_parallel": holder.n_parallel}
     entry = srv.pool.entries.get(holder.name)
     if entry is not None and entry.aliases:

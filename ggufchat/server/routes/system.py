@@ -32,7 +32,7 @@ async def health(srv: ServerState = Depends(server_state)):
     holder.check_engine()
     if pool.draining_since is not None and holder.state != "failed":
         return _unavailable("the server is shutting down", "draining")
-    name = holder.name if pool.several else srv.config.model_id
+    name = holder.name
     loaded = {"models": [_loaded(h) for h in pool.loaded()]} if pool.several else {}
     if holder.state == "ready":
         stats = [h.stats() for h in pool.loaded()]
@@ -63,7 +63,7 @@ async def ready(srv: ServerState = Depends(server_state)):
     (default) model loads, after it failed, or while draining after SIGTERM."""
     why = srv.pool.not_ready()
     if why is None:
-        return {"status": "ready", "model": srv.pool.default.name if srv.pool.several else srv.config.model_id}
+        return {"status": "ready", "model": srv.pool.default.name}
     messages = {"draining": "the server is shutting down", "loading": "the model is loading"}
     return _unavailable(messages.get(why, f"{srv.pool.default.error}; restart the server"), why)
 
