@@ -273,7 +273,8 @@ def _run(config, load, catalog, limits, grammar, host: str, port: int, engine_kw
         budget = (f"memory budget {catalog.memory_budget / (1 << 30):.1f} GiB" if catalog.memory_budget
                   else "no memory budget")
         loaded = f", at most {catalog.max_loaded} loaded" if catalog.max_loaded else ""
-        what = (f"{len(found)} models (default {config.model_id!r}; GET /v1/models lists them)",
+        count = f"{len(found)} model{'s' if len(found) != 1 else ''}"
+        what = (f"{count} (default {config.model_id!r}; GET /v1/models lists them)",
                 f"{budget}{loaded}")
     print(f"ggufchat: serving {what[0]} on http://{url_host}:{bound} ({what[1]}; OpenAI API at /v1, Ollama API "
           "at /api, docs at /docs)", file=sys.stderr, flush=True)
