@@ -16,6 +16,7 @@ made meanwhile waits for it (the download lock) and then finds the model install
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 import threading
 from collections.abc import AsyncIterator
@@ -46,18 +47,44 @@ def spec_of(name: str) -> str:
     return text
 
 
+def _tree_bytes(folder: str) -> int:
+    """Bytes of the files under `folder`, metadata (.json) aside. The download installs its files by
+    moving them out and then removes the folder, so anything may vanish while it is read: what vanished
+    counts as nothing (the caller never lets progress go backwards)."""
+    total = 0
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return 0
+    for entry in entries:
+        try:
+            if entry.is_dir(follow_symlinks=False):
+                total += _tree_bytes(entry.path)
+            elif entry.is_file(follow_symlinks=False) and not entry.name.endswith(".json"):
+                total += entry.stat(follow_symlinks=False).st_size
+        except OSError:
+            continue
+    return total
+
+
 def _staging_bytes(store: Store, name: str) -> int:
     """Bytes in the staging folders of model `name` (hub downloads: <hub>/<slug of name@revision>;
     URL downloads: url/<slug of name>)."""
     readable = slug(name).rsplit("-", 1)[0][:79]
     total = 0
-    for hub_dir in (store.downloads_dir.iterdir() if store.downloads_dir.is_dir() else ()):
-        if not hub_dir.is_dir() or hub_dir.name == "locks":
+    try:
+        hub_dirs = [d for d in os.scandir(store.downloads_dir) if d.name != "locks" and d.is_dir()]
+    except OSError:
+        return 0
+    for hub_dir in hub_dirs:
+        try:
+            folders = list(os.scandir(hub_dir.path))
+        except OSError:
             continue
-        for folder in hub_dir.iterdir():
+        for folder in folders:
             rest = folder.name[len(readable):]
-            if folder.is_dir() and folder.name.startswith(readable) and rest[:1] in ("_", "-"):
-                total += sum(p.stat().st_size for p in folder.rglob("*") if p.is_file() and p.suffix != ".json")
+            if folder.name.startswith(readable) and rest[:1] in ("_", "-"):
+                total += _tree_bytes(folder.path)
     return total
 
 

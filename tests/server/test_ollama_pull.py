@@ -65,7 +65,8 @@ def test_pull_streams_progress_then_lists_and_deletes(client: ollama.Client, hub
         # Ollama's name for a Hugging Face GGUF repo and quant.
         for part in client.pull("hf.co/org/tiny-GGUF:Q4_1", stream=True):
             parts.append(part)
-            if part.total and 0 < (part.completed or 0) < part.total:
+            # Lines below the pause may come too when the machine is slow; the one that counts is held.
+            if part.total and PAUSE <= (part.completed or 0) < part.total:
                 resume.set()
     finally:
         safety.cancel()
@@ -73,8 +74,8 @@ def test_pull_streams_progress_then_lists_and_deletes(client: ollama.Client, hub
     assert parts[0].status == "pulling manifest" and parts[-1].status == "success"
     progress = [p for p in parts if p.total]
     mid = [p for p in progress if 0 < p.completed < p.total]
-    assert mid, [p.model_dump(exclude_none=True) for p in parts]
-    assert mid[0].completed >= PAUSE and mid[0].status == f"pulling {FILE}"
+    assert [p for p in mid if p.completed >= PAUSE], [p.model_dump(exclude_none=True) for p in parts]
+    assert {p.status for p in mid} == {f"pulling {FILE}"}
     assert abs(mid[0].total - len(gguf)) < 0.1 * 2**20  # from the reported size, to a tenth of a MiB
     assert [p.completed for p in progress] == sorted(p.completed for p in progress)
     last = progress[-1]
