@@ -26,14 +26,10 @@ PROMPT = 300
 SIZES = (1, 2, 4, 8, 16)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default=None, help="a .gguf (default: the embedded SmolLM2-135M)")
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--reps", type=int, default=7)
-    args = ap.parse_args()
-    model = LoadedModel(LoadOptions(model_path=Path(args.model or embedded_model_path()), n_seq_max=1,
-                                    n_ctx=4096, n_threads=args.threads))
+def measure(model: LoadedModel, sizes: tuple[int, ...], reps: int, *, last_too: bool = True
+            ) -> list[tuple[int, float, float | None]]:
+    """(k, ms with logits at every position, ms with logits at the last only or None) per size: the
+    median of `reps` decodes of k positions after a PROMPT-token prompt, each removed again."""
     memory = llama_cpp.llama_get_memory(model.ctx)
     batch = llama_cpp.llama_batch_init(512, 0, 1)
 
@@ -50,19 +46,32 @@ def main() -> None:
             raise SystemExit("llama_decode failed")
         return time.perf_counter() - t0
 
+    def median_ms(k: int, every: bool) -> float:
+        times = []
+        for _ in range(reps):
+            times.append(decode(k, PROMPT, every))
+            llama_cpp.llama_memory_seq_rm(memory, 0, PROMPT, -1)
+        return statistics.median(times) * 1000
+
     try:
+        llama_cpp.llama_memory_seq_rm(memory, 0, 0, -1)
         for start in range(0, PROMPT, 100):
             decode(100, start, False)
-        rows = []
-        for k in SIZES:
-            cell = []
-            for every in (True, False):
-                times = []
-                for _ in range(args.reps):
-                    times.append(decode(k, PROMPT, every))
-                    llama_cpp.llama_memory_seq_rm(memory, 0, PROMPT, -1)
-                cell.append(statistics.median(times) * 1000)
-            rows.append((k, *cell))
+        return [(k, median_ms(k, True), median_ms(k, False) if last_too else None) for k in sizes]
+    finally:
+        llama_cpp.llama_batch_free(batch)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default=None, help="a .gguf (default: the embedded SmolLM2-135M)")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--reps", type=int, default=7)
+    args = ap.parse_args()
+    model = LoadedModel(LoadOptions(model_path=Path(args.model or embedded_model_path()), n_seq_max=1,
+                                    n_ctx=4096, n_threads=args.threads))
+    try:
+        rows = measure(model, SIZES, args.reps)
         one = rows[0][1]
         print(f"{Path(model.path).name}, -t {args.threads}, after a {PROMPT}-token prompt, median of {args.reps}")
         head_line = ("positions", "logits every", "logits last", "head/row", "bound at full acceptance")
@@ -72,7 +81,6 @@ def main() -> None:
             bound = k * one / every  # k tokens (k - 1 drafted, all kept, + 1) per verify step, against 1
             print(f"{k:>9}  {every:>9.1f} ms  {last:>8.1f} ms  {head:>5.1f} ms  {bound:>23.2f}x")
     finally:
-        llama_cpp.llama_batch_free(batch)
         model.close()
 
 

@@ -477,13 +477,8 @@ class Scheduler:
         limit = min(self._draft_limit(seq, room), self.draft_max)
         if limit <= 0:
             return []
-        costs = self.step_costs.view(n_generating)
-
-        def priced(price: DraftState, k: int) -> int:
-            # Looking up costs nothing: only verifying is priced, on the measured step costs.
-            return price.draft_len(costs, 0.0, n_generating, k)
-
-        return seq.drafter.draft(limit, priced)
+        # Looking up costs nothing: only verifying is priced, on the measured step costs.
+        return seq.drafter.draft(limit, self.step_costs.view(n_generating), n_generating)
 
     def _model_drafts(self, room: int, n_generating: int) -> dict[int, list[int]]:
         """The draft model's drafts for this step, by sequence id: each sequence's length priced on the

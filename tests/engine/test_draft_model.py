@@ -96,12 +96,13 @@ def test_a_refused_sequence_probes_ever_more_rarely():
     assert all(s.draft_len(linear(0.04, 0.0), 0.04, 1, 16) == 0 for _ in range(3 * PROBE_EVERY))
 
 
-def test_step_costs_guess_unmeasured_sizes_from_smaller_ones():
+def test_step_costs_guess_unmeasured_sizes_between_measured_ones():
     c = StepCosts()
     assert c(1) > 0
     c.record(1, 0.040)
+    assert c(9) == 0.040  # past the largest measured size: optimistic, so that it gets tried
     c.record(5, 0.050)
-    assert c(3) == 0.040 and c(5) == 0.050 and c(9) == 0.050
+    assert c(3) == pytest.approx(0.045) and c(5) == 0.050 and c(9) == 0.050
     c.record(5, 0.060)
     assert 0.050 < c(5) < 0.060  # smoothed
     c.record(1, 10.0)  # a step preempted by another process

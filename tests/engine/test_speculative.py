@@ -8,7 +8,7 @@ from ggufchat.bench import edit_prompt
 from ggufchat.cli.options import BY_NAME
 from ggufchat.engine import Engine, GenerationRequest, LoadOptions, SamplingParams
 from ggufchat.engine.scheduler import draft_room
-from ggufchat.engine.speculative import MAX_DRAFT, MIN_DRAFT, START_DRAFT, NgramDrafter, NgramPool
+from ggufchat.engine.speculative import MatchOdds, NgramDrafter, NgramPool
 from ggufchat.errors import InvalidParameter
 from tests.conftest import N_SEQ, chat
 from tests.engine.test_batching import PROMPTS
@@ -65,24 +65,48 @@ def test_lookup_falls_back_to_shorter_ngrams_and_finds_nothing_new():
     assert NgramDrafter([]).lookup(4) == []
 
 
-def test_draft_length_follows_acceptance():
-    d = NgramDrafter([1, 2, 1, 2, 1, 2, 1, 2] * 10)
-    assert d.own.max_len == START_DRAFT
-    assert len(d.draft(100)) == START_DRAFT
-    d.update(START_DRAFT, START_DRAFT)  # fully accepted: grows
-    assert d.own.max_len == 2 * START_DRAFT
-    for _ in range(10):
-        d.update(d.own.max_len, d.own.max_len)
-    assert d.own.max_len == MAX_DRAFT
-    assert len(d.draft(3)) == 3  # the scheduler's cap wins
-    assert len(d.draft(100, lambda price, k: min(k, 5))) == 5  # and so does the price
-    d.update(8, 3)  # partly: what was accepted, plus one
-    assert d.own.max_len == 4
-    d.update(4, 0)
-    assert d.own.max_len == MIN_DRAFT and d.draft(100)  # one miss: no pause yet
-    d.update(2, 0)
-    assert [d.draft(100) for _ in range(3)] == [[], [], []]  # two misses in a row: a pause
-    assert d.draft(100)
+def verify_ms(n: int) -> float:
+    """A verify step's cost by its batch positions, as measured for Qwen2.5-Coder-0.5B on 2 CPU cores
+    (docs/benchmarks.md): 16 positions cost ~6x one."""
+    table = {1: 20.9, 2: 35.5, 4: 48.6, 8: 89.5, 16: 132.9, 32: 240.0}
+    low = max(k for k in table if k <= n)
+    high = min((k for k in table if k >= n), default=low)
+    return table[low] if high == low else table[low] + (table[high] - table[low]) * (n - low) / (high - low)
+
+
+def test_draft_length_follows_the_odds_of_the_match_length():
+    d = NgramDrafter([1, 2, 1, 2, 1, 2, 1, 2] * 10)  # a 64-token-deep match
+    assert len(d.draft(100)) == 100  # steps of any size cost the same: as long as allowed
+    assert len(d.draft(3, verify_ms)) == 3  # the scheduler's cap wins
+    fresh = len(d.draft(16, verify_ms))
+    assert 0 < fresh < 16  # priced: the prior odds (7 in 8) do not pay for 16 positions
+    d.update(fresh, fresh)
+    for _ in range(10):  # long matches keep being right: drafts grow to the cap
+        d.update(16, 16)
+    assert len(d.draft(16, verify_ms)) == 16
+
+
+def test_wrong_short_matches_stop_drafting_there_not_on_long_ones():
+    odds = MatchOdds()
+    assert odds.length(2, 16, verify_ms, 1) > 0  # a new sequence drafts
+    for _ in range(4):
+        odds.update(2, 4, 0)  # 2-token matches guessed wrong
+    assert odds.chance(2) < 0.5 and odds.length(2, 16, verify_ms, 1) == 0
+    assert odds.length(20, 16, verify_ms, 1) > 0
+    odds.update(20, 16, 16)  # 16 right, counted in the buckets of 16-31 and 32+ tokens
+    assert odds.chance(20) > 7 / 8 and odds.chance(40) > 7 / 8
+    # Only positions up to the first wrong one are judged: 3 right, 1 wrong, 12 never judged.
+    before = sum(odds.tried)
+    odds.update(8, 16, 3)
+    assert sum(odds.tried) == before + 4
+
+
+def test_a_busy_step_prices_drafts_dearer():
+    odds = MatchOdds()
+    alone = odds.length(8, 16, verify_ms, 1)
+    # Three other sequences in the step, and a batch already compute-bound: every extra position costs
+    # as much as a whole one, and slows the others too.
+    assert odds.length(8, 16, lambda n: 20.0 * n, 4) < alone
 
 
 # The pool of earlier sequences' n-grams.
@@ -133,9 +157,9 @@ def test_own_history_first_unless_its_match_is_shorter_than_the_pools_and_the_po
     # Own history holds "7 8 9" followed by 4: a 3-token match, shorter than the pool's 4.
     d = NgramDrafter([7, 8, 9, 4, 0, 6, 7, 8, 9], pool)
     assert d.draft(3) == [1, 2, 3] and d.from_pool
-    # ...but not once its own drafts have fared better than the pool's.
+    # ...but not once the own drafts have fared better than the pool's.
     d = NgramDrafter([7, 8, 9, 4, 0, 6, 7, 8, 9], pool)
-    d.own.price.update(4, 4)
+    d.own.update(3, 4, 4)
     assert d.draft(3) == [4, 0, 6] and not d.from_pool
     # Both hold "6 7 8 9" and more before it: own history wins.
     d = NgramDrafter([5, 6, 7, 8, 9, 4, 5, 6, 7, 8, 9], pool)
@@ -145,21 +169,17 @@ def test_own_history_first_unless_its_match_is_shorter_than_the_pools_and_the_po
     assert d.draft(8) == [1, 2, 3] and d.from_pool
 
 
-def test_pool_misses_pause_the_pool_not_own_history():
+def test_pool_misses_count_against_the_pool_not_own_history():
     pool = learned([1, 2, 3, 4, 5, 6, 7, 8], n=4)
     d = NgramDrafter([9, 9, 9, 1, 2, 3, 4], pool)  # no own match: pool drafts
-    assert d.draft(4) and d.from_pool
-    d.update(4, 0)
-    assert d.pooled.max_len == MIN_DRAFT and d.own.max_len == START_DRAFT
-    assert d.draft(4) and d.from_pool
-    d.update(2, 0)
-    assert d.pooled.pause > 0
-    for tok in (9, 9):  # now own history matches "9 9": it drafts while the pool is paused
+    assert d.draft(4, verify_ms) and d.from_pool
+    for _ in range(3):
+        d.update(4, 0)
+    assert d.draft(4, verify_ms) == []  # the pool's guesses failed: no more pool drafts
+    for tok in (9, 9):  # now own history matches "9 9": it drafts
         d.push(tok)
     assert d.draft(4) == [1, 2, 3, 4] and not d.from_pool
-    d.update(4, 4)
-    assert d.own.max_len == 2 * START_DRAFT and d.pooled.max_len == MIN_DRAFT
-    assert d.pooled.price.acceptance < d.own.price.acceptance
+    assert d.pooled.chance(pool.n) < d.own.chance(2)
 
 
 def test_no_drafts_once_the_batch_is_busy():

@@ -4,6 +4,7 @@ checks that they work and count right, not how fast anything is)."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -48,3 +49,26 @@ def test_bench_verify_prints_every_size():
     assert rows[0][-1] == "1.00x"
     # More positions cost more time: the table is measured, not made up.
     assert float(rows[-1][1]) > float(rows[0][1])
+
+
+def test_replay_drafts_judges_every_policy_on_the_same_replies(tmp_path: Path, model_path: Path):
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache")}
+    args = [sys.executable, str(SCRIPTS / "replay_drafts.py"), "--model", str(model_path), "--replies", "2",
+            "--tasks", "edit,sampled", "--max-tokens", "48", "--reps", "1", "--threads", "1"]
+    out = subprocess.run([*args, "--json", str(tmp_path / "r.json")], capture_output=True, text=True, timeout=300,
+                         env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stderr.count("recorded ") == 4  # 2 replies x 2 tasks, then cached
+    result = json.loads((tmp_path / "r.json").read_text())
+    assert set(result["results"]) == {"edit", "sampled"}
+    for by_policy in result["results"].values():
+        assert set(by_policy) == {"ggufchat", "fixed-16", "oracle"}
+        # The oracle never drafts a token the reply does not have.
+        assert by_policy["oracle"]["accepted"] == by_policy["oracle"]["drafted"]
+        assert all(r["ratio"] > 0 and r["steps"] > 0 for r in by_policy.values())
+    assert float(result["step_ms"]["17"]) > float(result["step_ms"]["1"])  # measured, not made up
+    lines = [line.split() for line in out.stdout.splitlines()]
+    assert [r[:2] for r in lines if r and r[0] == "edit"] == [["edit", p] for p in ("none", "ggufchat", "fixed-16",
+                                                                                     "oracle")]
+    again = subprocess.run(args, capture_output=True, text=True, timeout=300, env=env)
+    assert again.returncode == 0 and "recorded " not in again.stderr  # the recordings were cached
