@@ -9,7 +9,7 @@ running the model again. A step's cost by its batch positions is measured on the
 lookup (the tokens after the most recent earlier occurrence of the longest 4/3/2-token n-gram):
 
     ggufchat    the engine's own NgramDrafter (engine/speculative.py), priced on the measured costs
-    fixed-16    16 tokens whenever the n-gram matches: llama.cpp's ngram-simple drafting, --draft-max 16
+    fixed       as many tokens as allowed (--draft-max) whenever the n-gram matches: llama.cpp's way
     oracle      the best length for each step knowing the reply: what a perfect length rule would get
 
 Tasks: `edit` (bench.py's rename-a-function file, the output copies the prompt), `story` (a short story,
@@ -18,6 +18,7 @@ greedy: little to copy but the model's own repeats), `sampled` (the same stories
 Recordings are cached under ~/.cache/ggufchat/replays, keyed by the model file's checksum.
 
     python scripts/replay_drafts.py [--model PATH] [--replies 8] [--tasks edit,story,sampled] [--threads 2]
+        [--draft-max 16]
 """
 
 from __future__ import annotations
@@ -41,7 +42,6 @@ from ggufchat.engine import Engine, GenerationRequest, LoadOptions, SamplingPara
 from ggufchat.engine.loader import LoadedModel  # noqa: E402
 from ggufchat.engine.speculative import NgramDrafter  # noqa: E402
 
-DRAFT_MAX = 16
 CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "ggufchat" / "replays"
 TASKS = ("edit", "story", "sampled")
 
@@ -118,10 +118,10 @@ def oracle(d: NgramDrafter, limit: int, output: list[int], at: int, cost: Callab
     return candidate[:best]
 
 
-POLICIES: dict[str, Policy] = {"ggufchat": ggufchat, "fixed-16": fixed, "oracle": oracle}
+POLICIES: dict[str, Policy] = {"ggufchat": ggufchat, "fixed": fixed, "oracle": oracle}
 
 
-def replay(runs: list[dict], policy: Policy, cost: Callable[[int], float]) -> dict:
+def replay(runs: list[dict], policy: Policy, cost: Callable[[int], float], draft_max: int) -> dict:
     plain = spent = 0.0
     drafted = accepted = steps = 0
     for run in runs:
@@ -132,7 +132,7 @@ def replay(runs: list[dict], policy: Policy, cost: Callable[[int], float]) -> di
         d.push(output[0])  # the first token comes from the prompt's step
         i = 0  # output[i] is the next token: it goes into the step with the draft
         while i < len(output) - 1:
-            limit = min(DRAFT_MAX, len(output) - 1 - i)
+            limit = min(draft_max, len(output) - 1 - i)
             draft = policy(d, limit, output, i + 1, cost)
             kept = right(draft, output, i + 1)
             if draft:
@@ -156,6 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--reps", type=int, default=3, help="decodes per step size measured (median)")
     ap.add_argument("--max-tokens", type=int, default=None, help="cut each reply short (quick runs)")
+    ap.add_argument("--draft-max", type=int, default=16, help="the longest draft (the engine's --draft-max)")
     ap.add_argument("--json", default=None, help="also write the results here")
     args = ap.parse_args(argv)
     tasks = [t for t in args.tasks.split(",") if t]
@@ -171,17 +172,19 @@ def main(argv: list[str] | None = None) -> int:
 
     loaded = LoadedModel(LoadOptions(model_path=model, n_seq_max=1, n_ctx=4096, n_threads=args.threads))
     try:
-        measured = {k: ms for k, ms, _ in bench_verify.measure(loaded, tuple(range(1, DRAFT_MAX + 2)), args.reps,
-                                                              last_too=False)}
+        sizes = tuple(range(1, args.draft_max + 2))
+        measured = {k: ms for k, ms, _ in bench_verify.measure(loaded, sizes, args.reps, last_too=False)}
     finally:
         loaded.close()
 
     def cost(n: int) -> float:
-        return measured[min(n, DRAFT_MAX + 1)]
+        return measured[min(n, args.draft_max + 1)]
 
-    results = {task: {name: replay(runs[task], policy, cost) for name, policy in POLICIES.items()} for task in tasks}
-    print(f"{model.name}, -t {args.threads}, {args.replies} replies per task; a step of k positions: "
-          + ", ".join(f"{k}: {measured[k]:.1f} ms" for k in (1, 2, 4, 8, 16)))
+    results = {task: {name: replay(runs[task], policy, cost, args.draft_max) for name, policy in POLICIES.items()}
+               for task in tasks}
+    print(f"{model.name}, -t {args.threads}, {args.replies} replies per task, --draft-max {args.draft_max}; "
+          "a step of k positions: " + ", ".join(f"{k}: {measured[k]:.1f} ms" for k in sorted(measured)
+                                                 if k & (k - 1) == 0 or k == args.draft_max + 1))
     print(f"{'task':<8} {'policy':<9} {'vs no drafts':>12} {'steps':>6} {'accepted/drafted':>17}")
     for task, by_policy in results.items():
         tokens = sum(max(len(r["output"]) - 1, 0) for r in runs[task])

@@ -134,9 +134,9 @@ ENGINE_OPTIONS: tuple[EngineOption, ...] = (
     EngineOption("model_draft", ("-md", "--model-draft", "--spec-draft-model"), str | None, None,
                  "Draft model (a .gguf path or a cached model) with the target's vocabulary; implies --spec draft.",
                  parse=_draft_model, panel=_SPEC),
-    EngineOption("draft_max", ("--draft-max", "--draft-n", "--spec-draft-n-max"), int, 16,
-                 "Longest draft; shorter ones are used where the measured acceptance and costs say they pay "
-                 "better.", panel=_SPEC),
+    EngineOption("draft_max", ("--draft-max", "--draft-n", "--spec-draft-n-max"), int | None, None,
+                 "Longest draft (default: 16 from a draft model, 48 from n-grams); shorter ones are used where "
+                 "the measured acceptance and costs say they pay better.", panel=_SPEC),
     EngineOption("draft_min", ("--draft-min", "--draft-n-min", "--spec-draft-n-min"), int, 0,
                  "Drafts shorter than this are not verified.", panel=_SPEC),
     EngineOption("n_gpu_layers_draft", ("-ngld", "--n-gpu-layers-draft", "--gpu-layers-draft", "--spec-draft-ngl"),

@@ -143,7 +143,7 @@ def _settings(path: Path, where: str, table: Any, *, own: bool = True) -> ModelS
         if option is None:
             raise InvalidParameter(f"{at} is not a setting; use a long flag's name such as ctx_size, n_gpu_layers, "
                                    "spec, chat_template, or model, aliases, parallel, keep_alive")
-        if option.type is int:
+        if option.type in (int, int | None):
             value = _typed(at, value, int)
         elif isinstance(value, int) and not isinstance(value, bool):
             value = str(value)  # -ngl 24 written as a number

@@ -31,6 +31,11 @@ SPLIT_MODES = {
 }
 DEFAULT_CTX_PER_SEQ = 4096
 SPEC_TYPES = ("none", "ngram", "draft")  # --spec: speculative decoding (speculative.py, draft_model.py)
+# The longest drafts by default. A draft model pays a pass per drafted token, and its acceptance falls
+# with every token, so long drafts rarely pay (llama.cpp's --draft-max default). An n-gram draft costs
+# nothing to make, and a copy that goes back far goes on far: llama.cpp's ngram-simple drafts up to 48.
+DRAFT_MODEL_MAX = 16
+NGRAM_DRAFT_MAX = 48
 logger = logging.getLogger(__name__)
 
 
@@ -64,9 +69,16 @@ class LoadOptions:
     use_mmap: bool = True
     spec: str = "none"  # speculative decoding for greedy requests: none, ngram (prompt lookup) or draft
     model_draft: Path | None = None  # -md: the draft model for --spec draft (implies it)
-    draft_max: int = 16  # the longest draft; the engine picks shorter ones where they pay better
+    # The longest draft (None: DRAFT_MODEL_MAX with a draft model, NGRAM_DRAFT_MAX for n-gram drafts); the
+    # engine picks shorter ones where they pay better.
+    draft_max: int | None = None
     draft_min: int = 0  # drafts shorter than this are not verified
     n_gpu_layers_draft: str | int = "auto"  # -ngld
+
+    def longest_draft(self) -> int:
+        if self.draft_max is not None:
+            return self.draft_max
+        return DRAFT_MODEL_MAX if self.spec == "draft" else NGRAM_DRAFT_MAX
 
     def validate(self) -> None:
         if self.n_seq_max < 1 or self.n_seq_max > 256:
@@ -94,9 +106,9 @@ class LoadOptions:
         if self.model_draft is not None and self.spec != "draft":
             raise InvalidParameter(f"-md/--model-draft is for --spec draft, not --spec {self.spec}",
                                    param="model_draft")
-        if not 1 <= self.draft_max <= 64:
+        if self.draft_max is not None and not 1 <= self.draft_max <= 64:
             raise InvalidParameter("--draft-max must be between 1 and 64", param="draft_max")
-        if not 0 <= self.draft_min <= self.draft_max:
+        if not 0 <= self.draft_min <= self.longest_draft():
             raise InvalidParameter("--draft-min must be between 0 and --draft-max", param="draft_min")
         parse_gpu_layers(self.n_gpu_layers_draft)
         if self.split_mode not in SPLIT_MODES:

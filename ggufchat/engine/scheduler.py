@@ -61,11 +61,12 @@ PROMPT_LOGITS_CHUNK = 256
 
 
 # Speculation: the most draft tokens one step verifies, over all its sequences, on top of the sequences'
-# own next tokens. A drafted position costs compute; alone, a sequence's step is bound by reading the
-# weights and a few more positions ride along almost free, but each generating sequence already makes
-# the batch more compute-bound, so the room for drafts shrinks as they grow, to none once the batch
-# holds SPEC_STEP_TOKENS generating sequences (measurements: docs/benchmarks.md, speculation).
-SPEC_STEP_TOKENS = 16
+# own next tokens. Within it each draft's length is priced on the measured step costs and the tokens the
+# whole step is expected to yield (speculative.py), so a draft that would slow the other sequences more
+# than it gains is not made. From SPEC_SHARED_FULL generating sequences on there are no drafts at all: the
+# batch is compute-bound on a CPU already (llama.cpp's n-gram mode measured 0.77x with 8 busy slots;
+# docs/benchmarks.md, speculation).
+SPEC_STEP_TOKENS = 64
 SPEC_SHARED_FULL = 4  # from this many generating sequences on, no drafts at all
 
 
@@ -154,7 +155,7 @@ class Scheduler:
     def __init__(self, model: LoadedModel, tokenizer: Tokenizer, draft_model: DraftModel | None = None) -> None:
         self.model = model
         self.draft_model = draft_model  # --model-draft: drafts for DraftState sequences (draft_model.py)
-        self.draft_max = model.options.draft_max
+        self.draft_max = model.options.longest_draft()
         self.draft_min = model.options.draft_min
         self.step_costs = StepCosts()  # what plain generation steps cost, by size: drafts are priced on it
         # n-grams of finished greedy sequences, drafts for later ones (speculative.py); engine thread only
