@@ -353,11 +353,18 @@ class StepCosts:
     separately for each number of generating sequences (1, 2, 3, 4 and more): with a KV stream per
     sequence, 8 positions of 8 sequences cost more than 8 positions of one sequence and its draft, so a
     busy spell must not price a lone sequence's drafts. A size not yet measured is guessed on the line
-    between the nearest measured sizes around it, or, past the largest measured, as that one's cost
-    (optimistically: so a longer draft is tried once and then judged on its measured cost)."""
+    between the nearest measured sizes around it; past the largest measured one, each further position
+    adds what one added between the smallest and the largest measured, at most EXTRA_POSITION of the
+    smallest step (a draft size is then tried when it would pay at that cost, and judged on its own
+    measured cost after that). A guess of no extra cost made the first long drafts on a CPU cost ten
+    plain steps each, and a busy server's first minutes 20% of their speed."""
 
     SIZES = 64
     SEQUENCES = 4
+    # An extra batch position costs at most this share of the smallest measured step, until measured: on
+    # 2 CPU cores 16 positions of the 0.5B model cost 6.4x one (scripts/bench_verify.py); a GPU's steps
+    # grow far less with their size, and its measured sizes then set a lower slope.
+    EXTRA_POSITION = 0.35
     SMOOTHING = 0.1
 
     def __init__(self) -> None:
@@ -387,9 +394,13 @@ class StepCosts:
             if low is None:
                 return 0.01
             high = next((m for m in range(n + 1, self.SIZES + 1) if table[m] is not None), None)
-            if high is None:
-                return table[low]
-            return table[low] + (table[high] - table[low]) * (n - low) / (high - low)
+            if high is not None:
+                return table[low] + (table[high] - table[low]) * (n - low) / (high - low)
+            first = next(m for m in range(1, low + 1) if table[m] is not None)
+            slope = self.EXTRA_POSITION * table[first]
+            if low > first:
+                slope = max(0.0, min(slope, (table[low] - table[first]) / (low - first)))
+            return table[low] + slope * (n - low)
 
         return seconds
 

@@ -96,24 +96,31 @@ def test_a_refused_sequence_probes_ever_more_rarely():
     assert all(s.draft_len(linear(0.04, 0.0), 0.04, 1, 16) == 0 for _ in range(3 * PROBE_EVERY))
 
 
-def test_step_costs_guess_unmeasured_sizes_between_measured_ones():
+def test_step_costs_guess_unmeasured_sizes_from_measured_ones():
     c = StepCosts()
     assert c(1) > 0
     c.record(1, 0.040)
-    assert c(9) == 0.040  # past the largest measured size: optimistic, so that it gets tried
+    # Past the largest measured size: each position at most EXTRA_POSITION of the smallest step.
+    assert c(9) == pytest.approx(0.040 * (1 + StepCosts.EXTRA_POSITION * 8))
     c.record(5, 0.050)
-    assert c(3) == pytest.approx(0.045) and c(5) == 0.050 and c(9) == 0.050
+    assert c(3) == pytest.approx(0.045) and c(5) == 0.050  # between measured sizes: on the line
+    assert c(9) == pytest.approx(0.060)  # past them: the measured slope, lower than the prior's here
     c.record(5, 0.060)
     assert 0.050 < c(5) < 0.060  # smoothed
     c.record(1, 10.0)  # a step preempted by another process
     assert c(1) <= 0.040 * 1.1
+    steep = StepCosts()
+    steep.record(1, 0.040)
+    steep.record(2, 0.100)  # a slope above the prior's: the prior's bounds the guess
+    assert steep(9) == pytest.approx(0.100 + 7 * StepCosts.EXTRA_POSITION * 0.040)
 
 
 def test_busy_steps_do_not_price_a_lone_sequence():
     c = StepCosts()
     c.record(1, 0.030)
     c.record(8, 0.300, sequences=8)  # eight sequences, a KV stream each
-    assert c.view(1)(8) == 0.030  # one sequence's 8 positions: not measured yet, guessed optimistically
+    # one sequence's 8 positions: not measured yet, guessed from its own table only
+    assert c.view(1)(8) == pytest.approx(0.030 * (1 + StepCosts.EXTRA_POSITION * 7))
     assert c.view(8)(8) == 0.300 and c.view(5)(8) == 0.300  # 4 and more share one table
 
 
