@@ -356,8 +356,8 @@ class StepCosts:
     between the nearest measured sizes around it; past the largest measured one, each further position
     adds what one added between the smallest and the largest measured, at most EXTRA_POSITION of the
     smallest step (a draft size is then tried when it would pay at that cost, and judged on its own
-    measured cost after that). A guess of no extra cost made the first long drafts on a CPU cost ten
-    plain steps each, and a busy server's first minutes 20% of their speed."""
+    measured cost after that). A guess of no extra cost made a fresh engine's first long drafts on a CPU
+    try every size at full price: 49 positions of the 0.5B model cost 493 ms against 32 ms for one."""
 
     SIZES = 64
     SEQUENCES = 4
