@@ -138,7 +138,7 @@ def _bucket(context: int) -> int:
 
 
 class MatchOdds:
-    """One sequence's record of its own-history drafts: for each match-length bucket, how many drafted
+    """One sequence's record of one source's drafts: for each match-length bucket, how many drafted
     tokens were tried and how many were right. A drafted token at position j of a draft that continues a
     match of c tokens is itself predicted by a match of c + j - 1 tokens, so a long copy's later tokens
     count towards the long buckets. A draft of k tokens yields 1 + p1 + p1*p2 + ... tokens (the next token,
@@ -175,7 +175,6 @@ class MatchOdds:
             self.tried[b] += 1
             if j < accepted:
                 self.right[b] += 1
-
 
 
 class NgramDrafter:
