@@ -24,7 +24,6 @@ Recordings are cached under ~/.cache/ggufchat/replays, keyed by the model file's
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import sys
@@ -41,17 +40,10 @@ from ggufchat.bench import edit_prompt  # noqa: E402
 from ggufchat.engine import Engine, GenerationRequest, LoadOptions, SamplingParams  # noqa: E402
 from ggufchat.engine.loader import LoadedModel  # noqa: E402
 from ggufchat.engine.speculative import NgramDrafter  # noqa: E402
+from ggufchat.models.store import sha256_file  # noqa: E402
 
 CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "ggufchat" / "replays"
 TASKS = ("edit", "story", "sampled")
-
-
-def checksum(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()[:16]
 
 
 def request(task: str, i: int) -> tuple[str, SamplingParams, int]:
@@ -65,7 +57,7 @@ def request(task: str, i: int) -> tuple[str, SamplingParams, int]:
 
 def record(model: Path, tasks: list[str], replies: int, threads: int, max_tokens: int | None) -> dict:
     """{task: [{"prompt": [...], "output": [...]}, ...]}, from the cache or recorded now."""
-    key = f"{model.name}-{checksum(model)}-{replies}-{max_tokens or 'full'}"
+    key = f"{model.name}-{sha256_file(model)[:16]}-{replies}-{max_tokens or 'full'}"
     found: dict[str, list] = {}
     for task in tasks:
         f = CACHE / f"{key}-{task}.json"

@@ -21,8 +21,10 @@ its size; pool drafts keep odds of their own.
 
 from __future__ import annotations
 
+import bisect
 import collections
-from collections.abc import Callable
+import itertools
+from collections.abc import Callable, Iterable, Iterator
 
 NGRAM_SIZES = (4, 3, 2)  # n-gram lengths looked up, longest first: a longer match is a better guess
 
@@ -130,11 +132,7 @@ PRIOR_TRIED = 4.0
 
 
 def _bucket(context: int) -> int:
-    b = 0
-    for i, low in enumerate(MATCH_BUCKETS):
-        if context >= low:
-            b = i
-    return b
+    return max(0, bisect.bisect_right(MATCH_BUCKETS, context) - 1)
 
 
 class MatchOdds:
@@ -155,18 +153,16 @@ class MatchOdds:
         return self.right[b] / self.tried[b]
 
     def length(self, context: int, limit: int, step_seconds: Callable[[int], float], base: int) -> int:
-        """The draft length with the most tokens per second, 0 when none beats plain decoding by MIN_GAIN.
-        step_seconds(n): what a step of n batch positions costs; `base` positions are in it anyway (one
-        per generating sequence, each yielding a token: a draft slows them all)."""
-        best, best_rate = 0, MIN_GAIN * base / step_seconds(base)
+        """The best draft length of at most `limit` tokens for a match of `context` tokens (best_length)."""
+        return best_length(self._expected(context, limit), step_seconds, base)
+
+    def _expected(self, context: int, limit: int) -> Iterator[float]:
+        """The tokens a step yields with a draft of 1, 2, ... `limit` tokens."""
         expected = survive = 1.0
         for k in range(1, limit + 1):
             survive *= self.chance(context + k - 1)
             expected += survive
-            rate = (base - 1 + expected) / step_seconds(base + k)
-            if rate > best_rate:
-                best, best_rate = k, rate
-        return best
+            yield expected
 
     def update(self, context: int, drafted: int, accepted: int) -> None:
         """Positions after the first wrong one were never judged: only those up to it count."""
@@ -298,17 +294,25 @@ def expected_tokens(acceptance: float, k: int) -> float:
     return (1.0 - acceptance ** (k + 1)) / (1.0 - acceptance)
 
 
-def best_draft_len(acceptance: float, step_seconds: Callable[[int], float], pass_seconds: float,
-                   base: int, k_max: int) -> int:
+def best_length(expected: Iterable[float], step_seconds: Callable[[int], float], base: int,
+                pass_seconds: float = 0.0) -> int:
     """The draft length with the most tokens per second, 0 when none beats plain decoding by MIN_GAIN.
-    step_seconds(n): what a target step of n batch positions costs; `base` positions are in it anyway (one
-    per generating sequence: a draft slows them all)."""
+    expected: the tokens the sequence gets from a step with a draft of 1, 2, ... tokens; step_seconds(n):
+    what a target step of n batch positions costs; `base` positions are in it anyway (one per generating
+    sequence, each yielding a token: a draft slows them all); pass_seconds: what drafting one token costs."""
     best, best_rate = 0, MIN_GAIN * base / step_seconds(base)
-    for k in range(1, k_max + 1):
-        rate = (base - 1 + expected_tokens(acceptance, k)) / (step_seconds(base + k) + k * pass_seconds)
+    for k, tokens in enumerate(expected, 1):
+        rate = (base - 1 + tokens) / (step_seconds(base + k) + k * pass_seconds)
         if rate > best_rate:
             best, best_rate = k, rate
     return best
+
+
+def best_draft_len(acceptance: float, step_seconds: Callable[[int], float], pass_seconds: float,
+                   base: int, k_max: int) -> int:
+    """best_length for a draft model's draft, whose every token is right with the same chance."""
+    return best_length((expected_tokens(acceptance, k) for k in range(1, k_max + 1)), step_seconds, base,
+                       pass_seconds)
 
 
 class DraftState:
@@ -368,9 +372,13 @@ class StepCosts:
 
     def __init__(self) -> None:
         self.tables: list[list[float | None]] = [[None] * (self.SIZES + 1) for _ in range(self.SEQUENCES + 1)]
+        # Each table's costs for every size, measured or guessed; rebuilt after a record (a draft
+        # decision reads up to 48 sizes, each step).
+        self._curves: list[list[float] | None] = [None] * (self.SEQUENCES + 1)
 
     def record(self, n: int, seconds: float, sequences: int = 1) -> None:
-        table = self.tables[min(max(sequences, 1), self.SEQUENCES)]
+        which = min(max(sequences, 1), self.SEQUENCES)
+        table = self.tables[which]
         if 0 < n <= self.SIZES:
             old = table[n]
             if old is None:
@@ -380,28 +388,36 @@ class StepCosts:
                 # the estimate as if it were at most twice (or half) the estimate.
                 sample = min(max(seconds, old / 2), old * 2)
                 table[n] = old + self.SMOOTHING * (sample - old)
+            self._curves[which] = None
 
     def view(self, sequences: int) -> Callable[[int], float]:
         """step_seconds(n) for steps with this many generating sequences."""
-        table = self.tables[min(max(sequences, 1), self.SEQUENCES)]
+        which = min(max(sequences, 1), self.SEQUENCES)
+        curve = self._curves[which]
+        if curve is None:
+            curve = self._curves[which] = self._curve(self.tables[which])
+        last = self.SIZES
 
         def seconds(n: int) -> float:
-            n = min(n, self.SIZES)
-            if table[n] is not None:
-                return table[n]
-            low = next((m for m in range(n - 1, 0, -1) if table[m] is not None), None)
-            if low is None:
-                return 0.01
-            high = next((m for m in range(n + 1, self.SIZES + 1) if table[m] is not None), None)
-            if high is not None:
-                return table[low] + (table[high] - table[low]) * (n - low) / (high - low)
-            first = next(m for m in range(1, low + 1) if table[m] is not None)
-            slope = self.EXTRA_POSITION * table[first]
-            if low > first:
-                slope = max(0.0, min(slope, (table[low] - table[first]) / (low - first)))
-            return table[low] + slope * (n - low)
+            return curve[min(n, last)]
 
         return seconds
+
+    def _curve(self, table: list[float | None]) -> list[float]:
+        measured = [m for m in range(1, self.SIZES + 1) if table[m] is not None]
+        curve = [0.01] * (self.SIZES + 1)  # below the smallest measured size (never priced): a token cost
+        if not measured:
+            return curve
+        for low, high in itertools.pairwise(measured):
+            for n in range(low, high):
+                curve[n] = table[low] + (table[high] - table[low]) * (n - low) / (high - low)
+        first, last = measured[0], measured[-1]
+        slope = self.EXTRA_POSITION * table[first]
+        if last > first:
+            slope = max(0.0, min(slope, (table[last] - table[first]) / (last - first)))
+        for n in range(last, self.SIZES + 1):
+            curve[n] = table[last] + slope * (n - last)
+        return curve
 
     def __call__(self, n: int) -> float:
         return self.view(1)(n)
