@@ -11,8 +11,9 @@ from ggufchat.cli import options as o
 
 
 # run_bench sizes the context for its tests, the seed is pinned so runs compare, and no chat template is
-# ever applied: flags for those would be accepted and ignored, so bench does not offer them.
-@o.engine_options(omit=("n_ctx", "seed", "chat_template", "chat_template_file"))
+# ever applied: flags for those would be accepted and ignored, so bench does not offer them. It measures
+# the engine as llama-bench does, without speculation, unless asked (--spec ngram: the edit row's gain).
+@o.engine_options(omit=("n_ctx", "seed", "chat_template", "chat_template_file"), defaults={"spec": "none"})
 def bench(
     *,  # engine_flags, filled in by engine_options, has no default
     n_prompt: Annotated[int, typer.Option("-p", "--n-prompt", help="Prompt tokens for the prefill test.")] = 512,

@@ -128,9 +128,13 @@ ENGINE_OPTIONS: tuple[EngineOption, ...] = (
     EngineOption("rpc_servers", ("--rpc",), str | None, None, "Split the model over `ggufchat rpc-worker`s: "
                  "host:port[,host:port...]. The RPC protocol has no authentication: private networks only.",
                  parse=_rpc_endpoints),
-    EngineOption("spec", ("--spec", "--spec-type"), str, "none", "Speculative decoding of greedy requests: "
+    # n-gram drafts by default: where nothing repeats they cost nothing (no match, no draft) and each
+    # sequence's odds stop them where matches guess wrong; on copying work they pay 1.4-2x
+    # (docs/benchmarks.md, speculation). The library's LoadOptions and `bench` keep none.
+    EngineOption("spec", ("--spec", "--spec-type"), str, "auto", "Speculative decoding of greedy requests: "
                  "ngram (draft from the prompt and output, verify in the batch; llama.cpp's ngram-simple and "
-                 "ngram-mod are accepted), draft (a draft model, -md) or none.", parse=_spec, panel=_SPEC),
+                 "ngram-mod are accepted), draft (a draft model, -md), none, or auto: draft with -md, else ngram.",
+                 parse=_spec, panel=_SPEC),
     EngineOption("model_draft", ("-md", "--model-draft", "--spec-draft-model"), str | None, None,
                  "Draft model (a .gguf path or a cached model) with the target's vocabulary; implies --spec draft.",
                  parse=_draft_model, panel=_SPEC),
@@ -215,19 +219,22 @@ class EngineFlags:
                 if o.target == "engine" and o.name in self.values}
 
 
-def engine_options(*, omit: Iterable[str] = ()) -> Callable[[Callable], Callable]:
+def engine_options(*, omit: Iterable[str] = (), defaults: dict[str, Any] | None = None) -> Callable[[Callable], Callable]:
     """Give a command the declared engine options, except those in `omit` (names from ENGINE_OPTIONS:
-    only options the verb decides itself, so a flag it would ignore is never offered).
+    only options the verb decides itself, so a flag it would ignore is never offered), with `defaults`
+    (by option name) over the declared defaults.
 
     The command declares one parameter annotated `EngineFlags`; the options take its place in the
     signature (so they keep their place in the help), except MODEL, -m and --pull, which open it. The
     command is called with that parameter set to an EngineFlags object.
     """
     omit = set(omit)
-    unknown = omit - set(BY_NAME)
+    defaults = defaults or {}
+    unknown = (omit | set(defaults)) - set(BY_NAME)
     if unknown:
         raise TypeError(f"unknown engine options {sorted(unknown)}")
-    chosen = [o for o in ENGINE_OPTIONS if o.name not in omit]
+    chosen = [dataclasses.replace(o, default=defaults[o.name]) if o.name in defaults else o
+              for o in ENGINE_OPTIONS if o.name not in omit]
 
     def decorate(command: Callable) -> Callable:
         signature = inspect.signature(command, eval_str=True)

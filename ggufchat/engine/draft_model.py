@@ -86,6 +86,9 @@ class DraftModel:
         self.n_vocab = llama_cpp.llama_vocab_n_tokens(model.vocab)
         # Ids the target does not have (a padded draft vocabulary) end a draft: they never reach the target.
         self.target_n_vocab = target_n_vocab
+        # An end-of-generation token ends a draft too: a reply that ends there reads nothing drafted after
+        # it, and one that goes on never chose it.
+        self.ends = frozenset(t for t in range(self.n_vocab) if llama_cpp.llama_vocab_is_eog(model.vocab, t))
         self.rows = LogitsRows(self.n_vocab)
         self.tokens: list[list[int]] = [[] for _ in range(model.n_seq_max)]  # per sequence id: its KV
         self.batch = llama_cpp.llama_batch_init(model.n_batch, 0, 1)
@@ -191,11 +194,11 @@ class DraftModel:
 
     def _pick(self, index: int) -> int | None:
         """The draft model's greedy token from the logits of batch `index`, or None when it is not
-        confident enough (its top probability under P_MIN) or the target lacks the id."""
+        confident enough (its top probability under P_MIN), the target lacks the id, or it ends the reply."""
         row = self.rows.row(self.model.ctx, index)
         tok = int(row.argmax())
         top = row[tok]
         # p(top) = 1 / sum(exp(l - top)): below P_MIN the draft would mostly be refused anyway.
-        if np.exp(row - top, dtype=np.float32).sum() > 1.0 / P_MIN or tok >= self.target_n_vocab:
+        if tok >= self.target_n_vocab or tok in self.ends or np.exp(row - top, dtype=np.float32).sum() > 1.0 / P_MIN:
             return None
         return tok

@@ -329,7 +329,7 @@ class Engine:
         drafter = None
         if request.speculative and isinstance(sampler, ArgmaxSampler) and request.max_tokens != 0:
             if self.options.spec == "ngram":
-                drafter = NgramDrafter(request.prompt_tokens, self.scheduler.ngram_pool)
+                drafter = NgramDrafter(request.prompt_tokens, self.scheduler.ngram_pool, ends=self.scheduler.eog)
             elif self.options.spec == "draft":
                 drafter = DraftState()
         return Prepared(request, sampler, drafter)

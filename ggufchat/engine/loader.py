@@ -67,7 +67,9 @@ class LoadOptions:
     main_gpu: int = 0
     rpc_servers: list[str] = field(default_factory=list)  # host:port of `ggufchat rpc-worker`s
     use_mmap: bool = True
-    spec: str = "none"  # speculative decoding for greedy requests: none, ngram (prompt lookup) or draft
+    # Speculative decoding for greedy requests: none, ngram (prompt lookup) or draft; auto (the command
+    # line's default) is draft with a draft model, else ngram.
+    spec: str = "none"
     model_draft: Path | None = None  # -md: the draft model for --spec draft (implies it)
     # The longest draft (None: DRAFT_MODEL_MAX with a draft model, NGRAM_DRAFT_MAX for n-gram drafts); the
     # engine picks shorter ones where they pay better.
@@ -97,8 +99,11 @@ class LoadOptions:
         for name, value in (("--cache-type-k", self.cache_type_k), ("--cache-type-v", self.cache_type_v)):
             if value not in KV_TYPES:
                 raise InvalidParameter(f"{name} must be one of {', '.join(KV_TYPES)}, not {value!r}")
+        if self.spec == "auto":
+            self.spec = "draft" if self.model_draft is not None else "ngram"
         if self.spec not in SPEC_TYPES:
-            raise InvalidParameter(f"--spec must be one of {', '.join(SPEC_TYPES)}, not {self.spec!r}", param="spec")
+            raise InvalidParameter(f"--spec must be one of {', '.join(SPEC_TYPES)} or auto, not {self.spec!r}",
+                                   param="spec")
         if self.model_draft is not None and self.spec == "none":
             self.spec = "draft"  # -md alone means draft with it, as in llama.cpp
         if self.spec == "draft" and self.model_draft is None:

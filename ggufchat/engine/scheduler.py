@@ -167,7 +167,7 @@ class Scheduler:
         # While other sequences are generating, a long prompt is fed in ubatch-sized chunks so their
         # streams keep moving; alone, it gets the whole batch.
         self.n_chunk_shared = min(model.options.n_ubatch, model.n_batch)
-        self._eog = frozenset(tokenizer.eog_tokens())
+        self.eog = frozenset(tokenizer.eog_tokens())
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._waiting: collections.deque[Sequence] = collections.deque()
         self._active: list[Sequence] = []
@@ -544,7 +544,7 @@ class Scheduler:
         if not usage.t_first_token:
             usage.t_first_token = now
         req = seq.request
-        if tok in self._eog and not req.ignore_eos:
+        if tok in self.eog and not req.ignore_eos:
             self._finish(seq, "stop", eog_token=tok)
             return None
         seq.unsent.append(tok)

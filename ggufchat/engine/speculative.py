@@ -180,8 +180,13 @@ class NgramDrafter:
     Built with the prompt in Engine.prepare (on the caller's thread: indexing a long prompt takes
     milliseconds); the engine thread pushes each generated token and asks for drafts."""
 
-    def __init__(self, prompt: list[int], pool: NgramPool | None = None) -> None:
+    def __init__(self, prompt: list[int], pool: NgramPool | None = None, ends: frozenset[int] = frozenset()) -> None:
         self.history: list[int] = []
+        # Tokens that end generation (a chat template's end of turn): a draft stops before one, since a
+        # reply that ends there reads nothing after it, and one that goes on never chose it. A copied
+        # file's end in the prompt is followed by the end of the user's turn; a 48-token draft across it
+        # was verified in full at the end of every edit reply.
+        self.ends = ends
         # per n-gram size: the n tokens -> index in history of the token that followed their most recent
         # occurrence. An n-gram enters once the token after it is known, so the current last n tokens
         # are always looked up among earlier occurrences only.
@@ -253,16 +258,23 @@ class NgramDrafter:
         pool = self.pool
         if pool is not None and (match is None or (context < pool.n
                                                    and self.pooled.chance(pool.n) >= self.own.chance(context))):
-            k = self.pooled.length(pool.n, limit, step_seconds, base)
-            draft = pool.lookup(self.history, k) if k > 0 else []
-            if draft:
+            draft = self._until_end(pool.lookup(self.history, limit))
+            k = self.pooled.length(pool.n, len(draft), step_seconds, base) if draft else 0
+            if k > 0:
                 self._last, self._drafted_context = self.pooled, pool.n
-                return draft
+                return draft[:k]
         if match is None:
             return []
+        draft = self._until_end(self._copy(match[0], limit))
+        k = self.own.length(context, len(draft), step_seconds, base)
         self._last, self._drafted_context = self.own, context
-        k = self.own.length(context, limit, step_seconds, base)
-        return self._copy(match[0], k) if k > 0 else []
+        return draft[:k]
+
+    def _until_end(self, draft: list[int]) -> list[int]:
+        for i, tok in enumerate(draft):
+            if tok in self.ends:
+                return draft[:i]
+        return draft
 
     @property
     def from_pool(self) -> bool:
@@ -355,12 +367,17 @@ class StepCosts:
     """What a plain generation step costs by its number of batch positions, measured (an EWMA per size),
     separately for each number of generating sequences (1, 2, 3, 4 and more): with a KV stream per
     sequence, 8 positions of 8 sequences cost more than 8 positions of one sequence and its draft, so a
-    busy spell must not price a lone sequence's drafts. A size not yet measured is guessed on the line
-    between the nearest measured sizes around it; past the largest measured one, each further position
-    adds what one added between the smallest and the largest measured, at most EXTRA_POSITION of the
-    smallest step (a draft size is then tried when it would pay at that cost, and judged on its own
-    measured cost after that). A guess of no extra cost made a fresh engine's first long drafts on a CPU
-    try every size at full price: 49 positions of the 0.5B model cost 493 ms against 32 ms for one."""
+    busy spell must not price a lone sequence's drafts.
+
+    A size not yet measured is guessed on the line between the nearest measured sizes around it; past
+    the largest measured one, each further position adds what one added between the smallest and the
+    largest measured, at most EXTRA_POSITION of the smallest step (a draft size is then tried when it
+    would pay at that cost, and judged on its own measured cost after that). A guess of no extra cost
+    made a fresh engine's first long drafts on a CPU try every size at full price: 49 positions of the
+    0.5B model cost 493 ms against 32 ms for one. A table with one measured size takes that slope from
+    the nearest table that has measured one; a table with none measured is priced as the nearest that
+    has: the first steps of a busy server's last sequence used to see every size at one price and
+    drafted 48 tokens."""
 
     SIZES = 64
     SEQUENCES = 4
@@ -388,14 +405,14 @@ class StepCosts:
                 # the estimate as if it were at most twice (or half) the estimate.
                 sample = min(max(seconds, old / 2), old * 2)
                 table[n] = old + self.SMOOTHING * (sample - old)
-            self._curves[which] = None
+            self._curves = [None] * (self.SEQUENCES + 1)  # other tables may borrow from this one
 
     def view(self, sequences: int) -> Callable[[int], float]:
         """step_seconds(n) for steps with this many generating sequences."""
         which = min(max(sequences, 1), self.SEQUENCES)
         curve = self._curves[which]
         if curve is None:
-            curve = self._curves[which] = self._curve(self.tables[which])
+            curve = self._curves[which] = self._curve(which)
         last = self.SIZES
 
         def seconds(n: int) -> float:
@@ -403,21 +420,42 @@ class StepCosts:
 
         return seconds
 
-    def _curve(self, table: list[float | None]) -> list[float]:
-        measured = [m for m in range(1, self.SIZES + 1) if table[m] is not None]
-        curve = [0.01] * (self.SIZES + 1)  # below the smallest measured size (never priced): a token cost
+    def _measured(self, which: int) -> list[int]:
+        table = self.tables[which]
+        return [m for m in range(1, self.SIZES + 1) if table[m] is not None]
+
+    def _curve(self, which: int) -> list[float]:
+        table = self.tables[which]
+        measured = self._measured(which)
+        # The other tables, nearest first, of two as near the one with fewer sequences.
+        others = sorted((o for o in range(1, self.SEQUENCES + 1) if o != which),
+                        key=lambda o: (abs(o - which), o > which))
         if not measured:
-            return curve
+            for other in others:
+                if self._measured(other):
+                    return self._curve(other)
+            return [0.01] * (self.SIZES + 1)  # nothing measured anywhere: every size alike
+        curve = [0.01] * (self.SIZES + 1)  # below the smallest measured size (never priced): a token cost
         for low, high in itertools.pairwise(measured):
             for n in range(low, high):
                 curve[n] = table[low] + (table[high] - table[low]) * (n - low) / (high - low)
         first, last = measured[0], measured[-1]
-        slope = self.EXTRA_POSITION * table[first]
-        if last > first:
-            slope = max(0.0, min(slope, (table[last] - table[first]) / (last - first)))
+        cap = self.EXTRA_POSITION * table[first]
+        slope = self._slope(which)
+        if slope is None:
+            slope = next((s for s in map(self._slope, others) if s is not None), cap)
+        slope = max(0.0, min(slope, cap))
         for n in range(last, self.SIZES + 1):
             curve[n] = table[last] + slope * (n - last)
         return curve
+
+    def _slope(self, which: int) -> float | None:
+        """What one more position added between the smallest and the largest measured size."""
+        measured = self._measured(which)
+        if len(measured) < 2:
+            return None
+        table, first, last = self.tables[which], measured[0], measured[-1]
+        return (table[last] - table[first]) / (last - first)
 
     def __call__(self, n: int) -> float:
         return self.view(1)(n)

@@ -37,7 +37,9 @@ def test_chat_serve_and_bench_share_the_engine_flags():
     assert serve == {name: chat[name] for name in chat if name != "model_arg"}
     assert [p.name for p in _commands()["serve"].params if p.name == "models"] == ["models"]
     assert set(bench) == set(chat) - BENCH_OMITS
-    assert bench == {name: chat[name] for name in bench}
+    # bench measures the engine as llama-bench does: no speculation unless asked for
+    assert chat["spec"]["default"] == "auto" and bench["spec"]["default"] == "none"
+    assert {**bench, "spec": chat["spec"]} == {name: chat[name] for name in bench}
     flags = {flag for param in bench.values() for flag in param["opts"]}
     assert {"-sm", "--split-mode", "-ts", "--tensor-split", "-mg", "--main-gpu", "--rpc"} <= flags
 
@@ -62,6 +64,10 @@ def test_load_options_fields_exist_and_defaults_match_the_engine():
             continue
         field = fields[option.name]
         engine_default = field.default_factory() if field.default is dataclasses.MISSING else field.default
+        if option.name == "spec":
+            # The one exception: the command line speculates by default, the library only when asked.
+            assert (option.default, engine_default) == ("auto", "none")
+            continue
         # A flag left alone loads the model exactly as the engine's own default would.
         assert option.parse(option.default) == engine_default, option.name
 
@@ -79,7 +85,7 @@ def test_flags_become_load_options():
     assert load == LoadOptions(model_path=embedded_model_path(), n_gpu_layers="all", flash_attn="on", n_ctx=256,
                                n_threads=2, n_batch=64, n_ubatch=32, seed=7, cache_type_k="q8_0",
                                cache_type_v="q4_0", split_mode="row", tensor_split=[3.0, 1.0], main_gpu=1,
-                               rpc_servers=["10.0.0.2:50052"])
+                               rpc_servers=["10.0.0.2:50052"], spec="ngram")
     assert flags.engine_kwargs() == {"chat_template": "chatml", "chat_template_file": None}
     assert flags.seed == 7
 

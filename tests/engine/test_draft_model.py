@@ -124,6 +124,19 @@ def test_busy_steps_do_not_price_a_lone_sequence():
     assert c.view(8)(8) == 0.300 and c.view(5)(8) == 0.300  # 4 and more share one table
 
 
+def test_a_table_not_yet_measured_is_priced_as_the_nearest_measured_one():
+    c = StepCosts()
+    assert c.view(2)(40) == c.view(2)(3)  # nothing measured anywhere: every size alike
+    c.record(1, 0.030)
+    c.record(9, 0.110)
+    # A busy server's last two sequences, before any two-sequence step was measured: priced as one
+    # sequence's steps, not as free.
+    assert c.view(2)(40) == c.view(1)(40) > c.view(1)(10) > 0.110
+    c.record(2, 0.050, sequences=2)
+    # Once its own step is measured, it keeps that and takes the slope (0.01 per position) from table 1.
+    assert c.view(2)(2) == 0.050 and c.view(2)(12) == pytest.approx(0.150)
+
+
 # Options.
 
 def test_draft_options_are_checked(model_path):
@@ -138,6 +151,13 @@ def test_draft_options_are_checked(model_path):
     o = LoadOptions(model_path=model_path, model_draft=model_path)
     o.validate()
     assert o.spec == "draft"  # -md alone implies it, as in llama.cpp
+    # The command line's default (auto): n-gram drafts, or the draft model when one is given.
+    auto = LoadOptions(model_path=model_path, spec="auto")
+    auto.validate()
+    assert auto.spec == "ngram"
+    auto = LoadOptions(model_path=model_path, spec="auto", model_draft=model_path)
+    auto.validate()
+    assert auto.spec == "draft"
 
 
 def test_a_draft_model_with_another_vocabulary_is_refused(qwen_path, model_path):
@@ -198,6 +218,8 @@ def test_an_unprofitable_draft_model_is_not_used(draft_engine):
 
 def test_drafts_keep_greedy_output(always_draft):
     eng = always_draft
+    # The draft model stops a draft at the end of a reply, as the target would.
+    assert eng.scheduler.draft_model.ends == eng.scheduler.eog != frozenset()
     drafted = accepted = 0
     for text in COPY_PROMPTS[:2] + PROMPTS[:3]:
         prompt = chat(eng, text)

@@ -65,6 +65,27 @@ def test_lookup_falls_back_to_shorter_ngrams_and_finds_nothing_new():
     assert NgramDrafter([]).lookup(4) == []
 
 
+def test_a_draft_stops_before_the_end_of_a_turn():
+    end = 99
+    # A file copied from the user's turn: the draft follows the file, and stops where the turn ended.
+    d = NgramDrafter([5, 1, 2, 3, 4, end, 7, 8, 1, 2], ends=frozenset({end}))
+    assert d.draft(10) == [3, 4]
+    d.push(3)
+    d.push(4)
+    assert d.draft(10) == []  # what follows is the end of the turn: nothing to draft
+    # The pool's drafts stop there too.
+    pool = learned([1, 2, 3, 4, 5, end, 6, 7])
+    d = NgramDrafter([9, 9, 1, 2, 3], pool, ends=frozenset({end}))
+    assert d.draft(10) == [4, 5]
+    assert NgramDrafter([9, 9, 1, 2, 3], pool).draft(10) == [4, 5, end, 6, 7]
+
+
+def test_the_engine_drafts_up_to_the_end_of_a_turn(fresh):
+    eos = fresh.tokenizer.eog_tokens()
+    prepared = fresh.prepare(GenerationRequest(chat(fresh, "Hi"), SamplingParams.greedy(), max_tokens=8))
+    assert prepared.drafter.ends == frozenset(eos) and eos
+
+
 def verify_ms(n: int) -> float:
     """A verify step's cost by its batch positions, as measured for Qwen2.5-Coder-0.5B on 2 CPU cores
     (docs/benchmarks.md): 16 positions cost ~6x one."""
