@@ -13,6 +13,7 @@ import time
 import requests
 
 from tests.conftest import run_cli
+from tests.engine.test_speculative import COPY_PROMPTS
 
 
 def _start(*args: str, env: dict | None = None) -> tuple[subprocess.Popen, str]:
@@ -56,6 +57,10 @@ def test_serve_answers_and_shuts_down_cleanly(tmp_path):
         r = requests.post(url + "/", json={"prompt": "Hi"}, headers=auth, timeout=60)
         assert r.status_code == 200 and r.json()["status"] == 200
         assert requests.post(url + "/", json={"prompt": "Hi"}, timeout=10).status_code == 401
+        # n-gram drafts are on by default: a greedy reply that copies its prompt is drafted.
+        body = {"messages": [{"role": "user", "content": COPY_PROMPTS[0]}], "temperature": 0, "max_tokens": 60}
+        usage = requests.post(url + "/v1/chat/completions", json=body, headers=auth, timeout=60).json()["usage"]
+        assert usage["completion_tokens_details"]["accepted_prediction_tokens"] > 10, usage
     finally:
         err = _stop(proc)
     assert proc.returncode == 0, err
