@@ -129,6 +129,8 @@ def replay(runs: list[dict], policy: Policy, cost: Callable[[int], float], draft
             kept = right(draft, output, i + 1)
             if draft:
                 d.update(len(draft), kept)
+            else:
+                d.watch()  # as the engine does: the draft not made is judged on the tokens that come
             spent += cost(1 + len(draft))
             steps += 1
             for tok in output[i + 1:i + 2 + kept]:  # the kept drafted tokens and the step's own pick

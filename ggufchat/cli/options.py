@@ -219,7 +219,8 @@ class EngineFlags:
                 if o.target == "engine" and o.name in self.values}
 
 
-def engine_options(*, omit: Iterable[str] = (), defaults: dict[str, Any] | None = None) -> Callable[[Callable], Callable]:
+def engine_options(*, omit: Iterable[str] = (),
+                   defaults: dict[str, Any] | None = None) -> Callable[[Callable], Callable]:
     """Give a command the declared engine options, except those in `omit` (names from ENGINE_OPTIONS:
     only options the verb decides itself, so a flag it would ignore is never offered), with `defaults`
     (by option name) over the declared defaults.

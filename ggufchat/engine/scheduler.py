@@ -354,8 +354,10 @@ class Scheduler:
             if seq.next_token is not None:
                 if seq.slot.seq_id in model_drafts:
                     draft = model_drafts[seq.slot.seq_id]
-                elif room > 0 and isinstance(seq.drafter, NgramDrafter):
-                    draft = self._draft(seq, room, n_generating)
+                elif isinstance(seq.drafter, NgramDrafter):
+                    draft = self._draft(seq, room, n_generating) if room > 0 else []
+                    if not draft:
+                        seq.drafter.watch()
                 else:
                     draft = []
                 room -= len(draft)

@@ -129,6 +129,9 @@ MAX_CONTEXT = 64
 # replayed edit and story replies: lower ones never start drafting, higher ones keep wrong drafts long).
 PRIOR_RIGHT = 3.5
 PRIOR_TRIED = 4.0
+# How far a sequence that drafts nothing this step checks what its own history would have drafted
+# (NgramDrafter.watch): long enough to judge a long match's run, short enough to be judged soon.
+WATCH_LEN = 16
 
 
 def _bucket(context: int) -> int:
@@ -182,6 +185,10 @@ class NgramDrafter:
 
     def __init__(self, prompt: list[int], pool: NgramPool | None = None, ends: frozenset[int] = frozenset()) -> None:
         self.history: list[int] = []
+        # A draft not made (watch): its tokens, how many of them came true so far, its match's length.
+        self._watched: list[int] = []
+        self._watched_right = 0
+        self._watched_context = 0
         # Tokens that end generation (a chat template's end of turn): a draft stops before one, since a
         # reply that ends there reads nothing after it, and one that goes on never chose it. A copied
         # file's end in the prompt is followed by the end of the user's turn; a 48-token draft across it
@@ -202,6 +209,13 @@ class NgramDrafter:
         self._drafted_context = 0  # the match length that draft continued
 
     def push(self, tok: int) -> None:
+        if self._watched:
+            if tok != self._watched[self._watched_right]:
+                self._judge_watched()
+            else:
+                self._watched_right += 1
+                if self._watched_right == len(self._watched):
+                    self._judge_watched(right_to_the_end=True)
         h = self.history
         i = len(h)  # the index `tok` takes: it follows the n-grams that end at i - 1
         for n, index in zip(NGRAM_SIZES, self.index, strict=True):
@@ -261,20 +275,47 @@ class NgramDrafter:
             draft = self._until_end(pool.lookup(self.history, limit))
             k = self.pooled.length(pool.n, len(draft), step_seconds, base) if draft else 0
             if k > 0:
-                self._last, self._drafted_context = self.pooled, pool.n
+                self._drafting(self.pooled, pool.n)
                 return draft[:k]
         if match is None:
             return []
         draft = self._until_end(self._copy(match[0], limit))
         k = self.own.length(context, len(draft), step_seconds, base)
-        self._last, self._drafted_context = self.own, context
+        if k > 0:
+            self._drafting(self.own, context)
         return draft[:k]
+
+    def _drafting(self, odds: MatchOdds, context: int) -> None:
+        if self._watched:  # a real draft takes over: what the watched one got right so far counts
+            self._judge_watched(right_to_the_end=True)
+        self._last, self._drafted_context = odds, context
 
     def _until_end(self, draft: list[int]) -> list[int]:
         for i, tok in enumerate(draft):
             if tok in self.ends:
                 return draft[:i]
         return draft
+
+    def watch(self) -> None:
+        """This step drafts nothing for the sequence (a full batch, or odds too low to pay): note what
+        its own history would have drafted, and judge it on the tokens that come, as a verified draft
+        is judged. So a sequence learns its odds while the batch is too busy to draft (a busy server's
+        last sequences draft on their own record, not on the prior), and a match length whose drafts
+        stopped paying is drafted again once its guesses come true again."""
+        if self._watched:
+            return
+        match = self._match()
+        if match is None:
+            return
+        self._watched = self._until_end(self._copy(match[0], WATCH_LEN))
+        self._watched_right = 0
+        self._watched_context = self._context(*match, MAX_CONTEXT)
+
+    def _judge_watched(self, right_to_the_end: bool = False) -> None:
+        """Count the watched draft: wrong at _watched_right, or right as far as it came."""
+        right = self._watched_right
+        self.own.update(self._watched_context, right if right_to_the_end else len(self._watched), right)
+        self._watched = []
 
     @property
     def from_pool(self) -> bool:

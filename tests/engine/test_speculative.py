@@ -122,6 +122,28 @@ def test_wrong_short_matches_stop_drafting_there_not_on_long_ones():
     assert sum(odds.tried) == before + 4
 
 
+def test_a_draft_not_made_is_judged_on_the_tokens_that_come():
+    # A sequence in a full batch drafts nothing, but learns how its matches fare.
+    d = NgramDrafter([1, 2, 3, 4, 5, 6, 7, 8, 9, 1, 2])  # would draft 3 4 5 6 ...
+    tried, right = sum(d.own.tried), sum(d.own.right)
+    d.watch()
+    for tok in (3, 4, 5):
+        d.push(tok)
+    d.push(0)  # the fourth guess was wrong
+    assert sum(d.own.tried) - tried == 4 and sum(d.own.right) - right == 3
+    # A sequence whose short matches kept guessing wrong while it could not draft (a full batch) does not
+    # draft on them once it could; one that kept no record drafts on the prior's odds.
+    d = NgramDrafter([7, 8, 1, 7, 8, 2, 7, 8, 3, 7, 8])
+    for wrong in range(20, 30):
+        d.watch()
+        d.push(wrong)
+        d.push(7)
+        d.push(8)
+    assert d.own.chance(2) < 0.5
+    assert d.draft(8, verify_ms) == []
+    assert NgramDrafter(d.history).draft(8, verify_ms) != []
+
+
 def test_a_busy_step_prices_drafts_dearer():
     odds = MatchOdds()
     alone = odds.length(8, 16, verify_ms, 1)
