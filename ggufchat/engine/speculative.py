@@ -416,8 +416,8 @@ class StepCosts:
     would pay at that cost, and judged on its own measured cost after that). A guess of no extra cost
     made a fresh engine's first long drafts on a CPU try every size at full price: 49 positions of the
     0.5B model cost 493 ms against 32 ms for one. A table with one measured size takes that slope from
-    the nearest table that has measured one; a table with none measured is priced as the nearest that
-    has: the first steps of a busy server's last sequence used to see every size at one price and
+    the nearest table with two or more; a table with none measured is priced as the nearest measured
+    one: the first steps of a busy server's last sequence used to see every size at one price and
     drafted 48 tokens."""
 
     SIZES = 64
