@@ -5,7 +5,7 @@ The servers are started one after another (never two at once), each on a free po
 the same model, context, threads and slots, benchmarked with scripts/bench_server.py (streaming clients,
 ignore_eos, distinct prompts), then stopped before the next one starts:
 
-    ggufchat serve MODEL --host 127.0.0.1 --port P -np 8 -c CTX -t THREADS
+    ggufchat serve MODEL --host 127.0.0.1 --port P -np 8 -c CTX -t THREADS --spec none
     .build/llama.cpp/bin/llama-server -m MODEL --host 127.0.0.1 --port P -np 8 -kvu -c CTX -t THREADS
     python -m llama_cpp.server --model MODEL --host 127.0.0.1 --port P --n_ctx CTX/8 --n_threads THREADS \\
         --interrupt_requests false
@@ -14,6 +14,8 @@ CTX is the total context over all slots (llama.cpp's meaning of -c); llama_cpp.s
 at a time and gets one slot's share. `--interrupt_requests false` keeps it from cutting a streaming
 reply short whenever another request arrives (its default), which would not be a fair measurement.
 A server that fails to start (e.g. a ggufchat without `serve`) is skipped with a message and its log.
+ggufchat runs without speculation, as the other two do by default: this compares plain decoding
+(scripts/bench_spec.py compares speculation).
 
     python scripts/bench_servers.py [--model PATH] [--concurrency 1,4,8,16] [--max-tokens 128]
         [--requests-per-client 2] [--ctx 8192] [--threads 2] [--parallel 8]
@@ -101,7 +103,7 @@ def server_command(name: str, s: Settings, port: int) -> tuple[list[str], str]:
     if name == "ggufchat":
         exe = VENV_BIN / "ggufchat"
         cmd = [str(exe) if exe.exists() else "ggufchat", "serve", s.model, *common,
-               "-np", str(s.parallel), "-c", str(s.ctx), "-t", str(s.threads)]
+               "-np", str(s.parallel), "-c", str(s.ctx), "-t", str(s.threads), "--spec", "none"]
         return cmd, "/health"
     if name == "llama-server":
         cmd = [s.llama_server, "-m", s.model, *common, "-np", str(s.parallel), "-kvu", "-c", str(s.ctx),

@@ -12,8 +12,8 @@ for /health. Then it runs one phase per line below, one after the other; in each
     /health prober   GET /health every --probe-ms (20 ms) on one keep-alive connection of its own,
                      the latency of each answer
     streams          --streams (2) streaming chat completions (temperature 0, ignore_eos, --max-tokens
-                     200), restarted as they finish; the gap between consecutive content chunks of a
-                     stream is one inter-token latency (ITL) sample
+                     200, "speculative": false), restarted as they finish; the gap between consecutive
+                     content chunks of a stream is one inter-token latency (ITL) sample
     heavy request    none in the baseline; else one kind below, sent again as soon as it is answered
                      until --phase-seconds have passed (always at least once), from a worker process:
                      this script's own GIL stays free for the prober and the stream readers
@@ -305,9 +305,12 @@ class StreamLog:
 async def stream_client(target: Target, index: int, max_tokens: int, stop: asyncio.Event, log: StreamLog) -> None:
     """Streaming chat completions one after another until stopped; the one running then is abandoned."""
     # The same prompt per client in every phase, at temperature 0: each phase decodes the same tokens,
-    # so the phases differ only by the heavy request. ignore_eos: every stream runs its full length.
+    # so the phases differ only by the heavy request. ignore_eos: every stream runs its full length. No
+    # speculation: accepted drafts arrive several tokens to a step, and gaps of 0 ms between them would
+    # hide the steady cadence whose stalls this measures.
     payload = {"messages": [{"role": "user", "content": f"Write a long story about {TOPICS[index % len(TOPICS)]}."}],
-               "max_tokens": max_tokens, "temperature": 0, "stream": True, "ignore_eos": True}
+               "max_tokens": max_tokens, "temperature": 0, "stream": True, "ignore_eos": True,
+               "speculative": False}
     body = json.dumps(payload).encode()
     while not stop.is_set():
         log.started += 1
