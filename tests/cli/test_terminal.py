@@ -18,8 +18,16 @@ if shutil.which("tmux") is None:  # .ci/run installs tmux; a developer machine w
 class Terminal:
     def __init__(self, command: str) -> None:
         self.name = f"ggufchat-{uuid.uuid4().hex[:8]}"
-        subprocess.run(["tmux", "new-session", "-d", "-s", self.name, "-x", "150", "-y", "50",
-                        f"env NO_COLOR=1 {command}; echo EXITED=$?; sleep 30"], check=True)
+        args = ["tmux", "new-session", "-d", "-s", self.name, "-x", "150", "-y", "50",
+                f"env NO_COLOR=1 {command}; echo EXITED=$?; sleep 30"]
+        # The previous test's kill-session can leave the tmux server exiting as this one connects
+        # ("server exited unexpectedly"): start again on a fresh server.
+        for _ in range(3):
+            started = subprocess.run(args, capture_output=True, text=True)
+            if started.returncode == 0:
+                break
+            time.sleep(0.5)
+        assert started.returncode == 0, started.stderr
 
     def screen(self) -> str:
         return subprocess.run(["tmux", "capture-pane", "-p", "-J", "-S", "-200", "-t", self.name],
