@@ -13,6 +13,7 @@ best_draft_len): it knows what a pass of this model costs from `pass_seconds`.
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable
 from dataclasses import replace
 
 import llama_cpp
@@ -29,16 +30,17 @@ MAX_VOCAB_DIFFERENCE = 128  # llama.cpp's limit: padded vocabularies of one fami
 _EWMA = 0.2
 
 
-def load_draft(options: LoadOptions, target: LoadedModel) -> DraftModel:
+def load_draft(options: LoadOptions, target: LoadedModel, ends: Iterable[int] = ()) -> DraftModel:
     """Load --model-draft beside `target`: its own context of the same shape (sequences, context per
-    sequence, batch, threads), its layers offloaded per -ngld. Refused when its vocabulary differs."""
+    sequence, batch, threads), its layers offloaded per -ngld. Refused when its vocabulary differs.
+    `ends`: the target's end-of-generation tokens (one vocabulary)."""
     o = options
     draft_options = replace(o, model_path=o.model_draft, n_gpu_layers=o.n_gpu_layers_draft, n_ctx=target.n_ctx,
                             model_draft=None, spec="none")
     model = LoadedModel(draft_options)
     try:
         check_same_vocab(target, model)
-        return DraftModel(model, target_n_vocab=llama_cpp.llama_vocab_n_tokens(target.vocab),
+        return DraftModel(model, target_n_vocab=llama_cpp.llama_vocab_n_tokens(target.vocab), ends=ends,
                           size_ratio=model.path.stat().st_size / max(1, target.path.stat().st_size))
     except BaseException:
         model.close()
@@ -78,7 +80,8 @@ def check_same_vocab(target: LoadedModel, draft: LoadedModel) -> None:
 class DraftModel:
     """The draft model's context, owned by the engine thread like the target's."""
 
-    def __init__(self, model: LoadedModel, *, target_n_vocab: int, size_ratio: float = 1.0) -> None:
+    def __init__(self, model: LoadedModel, *, target_n_vocab: int, ends: Iterable[int] = (),
+                 size_ratio: float = 1.0) -> None:
         self.model = model
         # Before a pass is measured, one is priced as this share of a target step (both read their weights
         # once a token; a CPU decode is bound by that).
@@ -88,7 +91,7 @@ class DraftModel:
         self.target_n_vocab = target_n_vocab
         # An end-of-generation token ends a draft too: a reply that ends there reads nothing drafted after
         # it, and one that goes on never chose it.
-        self.ends = frozenset(t for t in range(self.n_vocab) if llama_cpp.llama_vocab_is_eog(model.vocab, t))
+        self.ends = frozenset(ends)
         self.rows = LogitsRows(self.n_vocab)
         self.tokens: list[list[int]] = [[] for _ in range(model.n_seq_max)]  # per sequence id: its KV
         self.batch = llama_cpp.llama_batch_init(model.n_batch, 0, 1)

@@ -152,7 +152,7 @@ class Engine:
         try:
             tokenizer = Tokenizer(model.vocab)
             # On this thread too: it decodes on it, with the same OpenMP team as the target.
-            draft = load_draft(options, model) if options.model_draft is not None else None
+            draft = load_draft(options, model, tokenizer.eog_tokens()) if options.model_draft is not None else None
             scheduler = Scheduler(model, tokenizer, draft)
         except BaseException as exc:
             if draft is not None:

@@ -450,16 +450,19 @@ class StepCosts:
 
     def view(self, sequences: int) -> Callable[[int], float]:
         """step_seconds(n) for steps with this many generating sequences."""
-        which = min(max(sequences, 1), self.SEQUENCES)
-        curve = self._curves[which]
-        if curve is None:
-            curve = self._curves[which] = self._curve(which)
+        curve = self._cached(min(max(sequences, 1), self.SEQUENCES))
         last = self.SIZES
 
         def seconds(n: int) -> float:
             return curve[min(n, last)]
 
         return seconds
+
+    def _cached(self, which: int) -> list[float]:
+        curve = self._curves[which]
+        if curve is None:
+            curve = self._curves[which] = self._curve(which)
+        return curve
 
     def _measured(self, which: int) -> list[int]:
         table = self.tables[which]
@@ -474,7 +477,7 @@ class StepCosts:
         if not measured:
             for other in others:
                 if self._measured(other):
-                    return self._curve(other)
+                    return self._cached(other)
             return [0.01] * (self.SIZES + 1)  # nothing measured anywhere: every size alike
         curve = [0.01] * (self.SIZES + 1)  # below the smallest measured size (never priced): a token cost
         for low, high in itertools.pairwise(measured):
